@@ -477,6 +477,17 @@ impl Catalog {
         rows.iter().map(recording_from_row).collect()
     }
 
+    /// The newest recordings of every room.
+    pub async fn all_recent_recordings(&self, limit: u32) -> Result<Vec<Recording>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RECORDING_COLS} FROM recordings ORDER BY started_at_ms DESC, id DESC LIMIT $1"
+        )))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(recording_from_row).collect()
+    }
+
     // ---- participants, tracks, segments ----
 
     /// A participant joined (or rejoined: each stint is its own row).

@@ -207,6 +207,9 @@ async fn scenario(catalog: &Catalog) {
         "newest first"
     );
     assert_eq!(catalog.recent_recordings(&room, 1).await.unwrap().len(), 1);
+    let everywhere = catalog.all_recent_recordings(10).await.unwrap();
+    assert!(everywhere.iter().any(|r| r.id == rec.id) && everywhere.iter().any(|r| r.id == older.id));
+    assert_eq!(catalog.all_recent_recordings(1).await.unwrap().len(), 1);
 
     catalog
         .audit(

@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they need first.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: demo test deps test-deps build bench clean-state
+
+deps:
+	bash deploy/dev/install-deps.sh
+
+test-deps:
+	bash deploy/dev/install-deps.sh --test
+
+build: deps
+	$(CARGO) build --workspace --all-targets
+
+# Records a sample call on loopback with the embedded defaults (SQLite + local files).
+demo: deps
+	bash deploy/dev/demo.sh
+
+# Every test: unit tests, then the storage/catalog tests against a real Garage (S3) and PostgreSQL
+# that deploy/dev/test.sh starts on loopback and stops afterwards.
+test: test-deps
+	bash deploy/dev/test.sh
+
+# Composite speed against the ffmpeg CLI running the same filtergraph (prints a table).
+bench: deps
+	$(CARGO) bench -p transcoder --bench composite
+
+clean-state:
+	rm -rf data

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against real servers on loopback: Garage (S3) and PostgreSQL are
+# started here, their coordinates exported, and both are stopped on exit whatever happens.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/../.."
+
+cleanup() {
+  "$here/garage.sh" stop >/dev/null 2>&1 || true
+  "$here/postgres.sh" stop >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+"$here/garage.sh" start
+eval "$("$here/garage.sh" env)"
+"$here/postgres.sh" start
+eval "$("$here/postgres.sh" env)"
+
+cargo test --workspace --no-fail-fast -- --test-threads=2

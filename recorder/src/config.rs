@@ -1,0 +1,311 @@
+//! mxrec's configuration: one typed tree with defaults, read from one TOML file and overridden by
+//! `MXREC_…` environment variables.
+//!
+//! Every key is documented in `mxrec.example.toml` at the repository root; that file is parsed by a
+//! unit test below so the documentation cannot drift from the code. Library crates own the shape
+//! of their own sections (`storage`, `upload`); this module composes them and is the only place the
+//! binary reads settings from.
+//!
+//! Environment overrides: `MXREC_<SECTION>__<KEY>` (double underscore between levels), e.g.
+//! `MXREC_CATALOG__URL=postgres://…` or `MXREC_COMPOSITE__FPS=25`. Only variables whose first part
+//! names a known section or top-level key are read, so unrelated `MXREC_*` variables (test
+//! harness coordinates, for instance) are never mistaken for configuration.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Top-level keys and sections; the environment filter and the example test rely on this list.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "data_dir",
+    "log",
+    "recording",
+    "composite",
+    "storage",
+    "upload",
+    "catalog",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for local state: the spool, the SQLite catalog and (by default) local recordings.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub recording: RecordingConfig,
+    pub composite: CompositeConfig,
+    pub storage: storage::StoreConfig,
+    pub upload: storage::UploaderConfig,
+    pub catalog: CatalogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            log: LogConfig::default(),
+            recording: RecordingConfig::default(),
+            composite: CompositeConfig::default(),
+            storage: storage::StoreConfig::default(),
+            upload: storage::UploaderConfig::default(),
+            catalog: CatalogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter: a level (`info`) or directives (`mxrec=debug,storage=info`).
+    pub level: String,
+    /// Emit JSON lines instead of human-readable text.
+    pub json: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), json: false }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordingConfig {
+    /// Length of each codec-copy segment in seconds. A crash loses at most the open segment.
+    pub segment_seconds: f64,
+    /// Where segments are written before upload; default `<data_dir>/spool`.
+    pub spool_dir: Option<PathBuf>,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        Self { segment_seconds: 2.0, spool_dir: None }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompositeConfig {
+    /// Render one composite MP4 (or M4A for audio-only calls) when a recording ends.
+    pub enabled: bool,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// TrueType font for participant names under the tiles.
+    pub font_path: PathBuf,
+}
+
+impl Default for CompositeConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            width: 1280,
+            height: 720,
+            fps: 30,
+            font_path: PathBuf::from("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CatalogConfig {
+    /// `sqlite://path.db` or `postgres://user:pass@host/db`; default `sqlite://<data_dir>/mxrec.db`.
+    pub url: Option<String>,
+}
+
+/// One thing wrong with a configuration, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl Config {
+    /// Reads defaults ← `path` (when given) ← `MXREC_*` environment. Parse errors name the key and
+    /// the file they came from.
+    pub fn load(path: Option<&Path>) -> Result<Config, Vec<Problem>> {
+        Self::figment(path, Env::prefixed("MXREC_"))
+            .extract::<Config>()
+            .map_err(|e| e.into_iter().map(problem_from_figment).collect())
+    }
+
+    fn figment(path: Option<&Path>, env: Env) -> Figment {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(p) = path {
+            fig = fig.merge(Toml::file_exact(p));
+        }
+        let env = env.split("__").filter(|key| {
+            // Keys keep the variable's case here; figment matches fields case-insensitively.
+            let first = key.as_str().split('.').next().unwrap_or("");
+            TOP_LEVEL_KEYS.iter().any(|k| k.eq_ignore_ascii_case(first))
+        });
+        fig.merge(env)
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.recording.spool_dir.clone().unwrap_or_else(|| self.data_dir.join("spool"))
+    }
+
+    pub fn catalog_url(&self) -> String {
+        self.catalog
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("mxrec.db").display()))
+    }
+
+    pub fn segment_duration(&self) -> std::time::Duration {
+        std::time::Duration::from_secs_f64(self.recording.segment_seconds)
+    }
+
+    /// Semantic checks beyond what parsing catches; empty when the configuration is usable.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, message: String| out.push(Problem { key: key.into(), message });
+
+        let seg = self.recording.segment_seconds;
+        if !(0.5..=60.0).contains(&seg) {
+            bad("recording.segment_seconds", format!("{seg} is outside 0.5..=60 seconds"));
+        }
+        let c = &self.composite;
+        if !(160..=3840).contains(&c.width) || c.width % 2 != 0 {
+            bad("composite.width", format!("{} must be even and within 160..=3840", c.width));
+        }
+        if !(120..=2160).contains(&c.height) || c.height % 2 != 0 {
+            bad("composite.height", format!("{} must be even and within 120..=2160", c.height));
+        }
+        if !(1..=60).contains(&c.fps) {
+            bad("composite.fps", format!("{} is outside 1..=60", c.fps));
+        }
+        if c.enabled && !c.font_path.is_file() {
+            bad(
+                "composite.font_path",
+                format!(
+                    "{} is not a readable file (Debian: apt-get install fonts-dejavu-core)",
+                    c.font_path.display()
+                ),
+            );
+        }
+        let url = self.catalog_url();
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            bad("catalog.url", format!("`{url}` is neither sqlite://… nor postgres://…"));
+        }
+        // Building a store checks its settings without touching the network.
+        if let Err(e) = storage::build_store(&self.storage) {
+            bad("storage", e.to_string());
+        }
+        if let Err(e) = self.upload.validate() {
+            bad("upload", e.to_string());
+        }
+        out
+    }
+}
+
+fn problem_from_figment(e: figment::Error) -> Problem {
+    let key = if e.path.is_empty() { "(file)".to_string() } else { e.path.join(".") };
+    let source = e
+        .metadata
+        .as_ref()
+        .map(|m| match &m.source {
+            Some(src) => format!(" (from {src})"),
+            None => format!(" (from {})", m.name),
+        })
+        .unwrap_or_default();
+    Problem { key, message: format!("{}{source}", e.kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // figment::Jail owns the process environment during a closure; this helper keeps tests short.
+    fn with_env<T>(env: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
+        let mut out = None;
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            for (k, v) in env {
+                jail.set_env(k, v);
+            }
+            out = Some(f());
+            Ok(())
+        });
+        out.unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid_except_for_machine_dependent_font() {
+        let c = Config::default();
+        let problems: Vec<_> =
+            c.validate().into_iter().filter(|p| p.key != "composite.font_path").collect();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(c.catalog_url(), "sqlite://./data/mxrec.db");
+        assert_eq!(c.spool_dir(), PathBuf::from("./data/spool"));
+    }
+
+    #[test]
+    fn example_file_documents_a_valid_config() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mxrec.example.toml");
+        let cfg = with_env(&[], || Config::load(Some(&path))).expect("example parses");
+        let problems: Vec<_> =
+            cfg.validate().into_iter().filter(|p| p.key != "composite.font_path").collect();
+        assert!(problems.is_empty(), "{problems:?}");
+        // Every section of the tree appears in the example.
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in TOP_LEVEL_KEYS {
+            let present = text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim();
+                l.starts_with(&format!("[{key}]")) || l.starts_with(&format!("{key} ="))
+            });
+            assert!(present, "mxrec.example.toml does not document `{key}`");
+        }
+    }
+
+    #[test]
+    fn env_overrides_file_and_ignores_unrelated_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, "[composite]\nfps = 25\n").unwrap();
+        let cfg = with_env(
+            &[("MXREC_COMPOSITE__WIDTH", "640"), ("MXREC_S3_ENDPOINT", "http://x"), ("MXREC_CONFIG", "y")],
+            || Config::load(Some(&path)),
+        )
+        .unwrap();
+        assert_eq!(cfg.composite.fps, 25);
+        assert_eq!(cfg.composite.width, 640);
+    }
+
+    #[test]
+    fn unknown_key_and_wrong_type_are_explained_with_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, "[composite]\nfps = \"fast\"\n").unwrap();
+        let err = with_env(&[], || Config::load(Some(&path))).unwrap_err();
+        assert_eq!(err[0].key, "composite.fps", "{err:?}");
+        assert!(err[0].message.contains("m.toml"), "{err:?}");
+
+        std::fs::write(&path, "[composite]\nfsp = 30\n").unwrap();
+        let err = with_env(&[], || Config::load(Some(&path))).unwrap_err();
+        assert!(err[0].message.contains("fsp"), "{err:?}");
+    }
+
+    #[test]
+    fn validate_names_each_bad_key() {
+        let mut c = Config::default();
+        c.composite.width = 1279;
+        c.composite.fps = 0;
+        c.recording.segment_seconds = 0.1;
+        c.catalog.url = Some("mysql://x".into());
+        let keys: Vec<_> = c.validate().into_iter().map(|p| p.key).collect();
+        for k in ["composite.width", "composite.fps", "recording.segment_seconds", "catalog.url"] {
+            assert!(keys.contains(&k.to_string()), "{k} missing from {keys:?}");
+        }
+    }
+}

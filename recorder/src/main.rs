@@ -1,0 +1,154 @@
+//! `mxrec`: the command line of the recorder. Each subcommand is a thin shell over the library
+//! code in this crate, `transcoder` and `storage`; this file only parses arguments, loads the
+//! configuration, sets up logging and prints results.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use recorder::config::Config;
+
+#[derive(Parser)]
+#[command(name = "mxrec", version, about = "Records Matrix calls: per-track files, one composite MP4, links in the room")]
+struct Cli {
+    /// Configuration file (TOML). Without one the embedded defaults apply (SQLite + local files
+    /// under ./data); `MXREC_<SECTION>__<KEY>` environment variables override either.
+    #[arg(long, short, global = true, env = "MXREC_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file and explain every problem found.
+    CheckConfig,
+    /// Record media files as one call: each participant's file is cut into codec-copy segments,
+    /// uploaded, catalogued, and composed into one MP4, exactly as a live call would be.
+    Import {
+        /// Room the recording belongs to (any label; a Matrix room id for real calls).
+        #[arg(long)]
+        room: String,
+        /// `ID[#Display Name]=FILE[@JOIN_SECONDS]`, one per participant; a file may hold audio
+        /// and video (Opus, VP8, VP9, H.264 or AV1). JOIN_SECONDS offsets it on the call's clock.
+        #[arg(long = "participant", short = 'p', required = true)]
+        participants: Vec<String>,
+    },
+    /// Re-render the composite of a stored recording from its manifest.
+    Export {
+        /// A manifest: a local path, or an object key in the configured store.
+        #[arg(long)]
+        manifest: String,
+        /// Output file (.mp4, or .m4a for an audio-only recording).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List recordings in the catalog, newest first.
+    Recordings {
+        /// Only this room's recordings.
+        #[arg(long)]
+        room: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("mxrec: the configuration cannot be read:");
+            for p in problems {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::CheckConfig = cli.command {
+        return check_config(&config, cli.config.as_deref());
+    }
+    recorder::logging::init(&config.log);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mxrec: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mxrec: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(config: &Config, path: Option<&std::path::Path>) -> ExitCode {
+    let problems = config.validate();
+    let source = path.map_or("embedded defaults".to_string(), |p| p.display().to_string());
+    if problems.is_empty() {
+        println!("{source}: OK");
+        println!("  catalog: {}", config.catalog_url());
+        println!("  storage: {}", recorder::pipeline::describe_store(&config.storage));
+        println!("  spool:   {}", config.spool_dir().display());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{source}: {} problem(s)", problems.len());
+        for p in problems {
+            eprintln!("  {p}");
+        }
+        ExitCode::from(2)
+    }
+}
+
+async fn run(command: Command, config: Config) -> Result<()> {
+    match command {
+        Command::CheckConfig => unreachable!("handled before the runtime starts"),
+        Command::Import { room, participants } => {
+            let specs = participants
+                .iter()
+                .map(|s| recorder::cli_import::ParticipantFile::parse(s))
+                .collect::<Result<Vec<_>>>()?;
+            let env = recorder::pipeline::Env::open(&config).await?;
+            let done = recorder::cli_import::import(&env, &room, specs).await?;
+            println!("recording: {}", done.recording_id);
+            println!("manifest:  {}", done.manifest_location);
+            for c in &done.composites {
+                println!("composite: {c}");
+            }
+            env.shutdown().await;
+            Ok(())
+        }
+        Command::Export { manifest, out } => {
+            recorder::export::export(&config, &manifest, &out)
+                .await
+                .with_context(|| format!("exporting {manifest}"))?;
+            println!("{}", out.display());
+            Ok(())
+        }
+        Command::Recordings { room, limit } => {
+            let env = recorder::pipeline::Env::open(&config).await?;
+            let rows = match room {
+                Some(room) => env.catalog.recent_recordings(&storage::RoomId::new(room), limit).await?,
+                None => env.catalog.all_recent_recordings(limit).await?,
+            };
+            for r in rows {
+                println!(
+                    "{}  {}  {:<10}  {}  {}",
+                    r.id,
+                    r.room_id,
+                    r.state.as_str(),
+                    storage::manifest::wall_clock(r.started_at_ms, 0).format("%Y-%m-%d %H:%M:%S"),
+                    r.manifest_key.as_deref().unwrap_or("-")
+                );
+            }
+            env.shutdown().await;
+            Ok(())
+        }
+    }
+}

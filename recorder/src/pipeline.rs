@@ -1,0 +1,612 @@
+//! One recording, from the first frame to a stored, catalogued composite.
+//!
+//! A call adapter (import today; 1:1, MatrixRTC and mesh calls next) owns a [`Recording`] and
+//! tells it who joined and left, which tracks exist, and each track's encoded frames on the
+//! recording clock. The recording cuts frames into segments, queues every closed segment for
+//! upload while the call is still running, and keeps the catalog in step. [`Recording::finish`]
+//! runs the finalizer: wait for the segment uploads, render the composite, write and upload the
+//! manifest, and move the catalog entry to `uploaded`.
+//!
+//! [`Env`] holds what every recording shares: the configuration, the store, the catalog, the spool
+//! and the upload queue.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+use storage::catalog::{Segment, Track};
+use storage::manifest::{self, CallFlavour, Manifest, Span, TrackKind};
+use storage::{
+    build_store, key_component, Catalog, ObjectKeys, RecordingId, RecordingState, RoomId, Spool,
+    StoreBackend, UploadQueue, UploadReport, Uploader,
+};
+use tokio::sync::oneshot;
+use tracing::{info, info_span, warn, Instrument};
+use transcoder::{Codec, EncodedFrame, MediaKind, SegmentInfo, TrackWriter, TrackWriterConfig};
+
+use crate::config::Config;
+use crate::timeline::Timeline;
+
+pub use storage::manifest::TrackSource;
+
+/// What all recordings of one process share.
+pub struct Env {
+    pub config: Config,
+    pub store: Arc<dyn ObjectStore>,
+    pub catalog: Catalog,
+    pub spool: Spool,
+    uploads: Option<UploadQueue>,
+}
+
+impl Env {
+    /// Everything: store, spool, catalog (migrated), and the upload queue, which first picks up
+    /// whatever a previous run left in the spool.
+    pub async fn open(config: &Config) -> Result<Self> {
+        let problems = config.validate();
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            return Err(anyhow!("invalid configuration:\n  {}", list.join("\n  ")));
+        }
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+        let store = build_store(&config.storage).context("opening the object store")?;
+        let spool = Spool::open(config.spool_dir()).await.context("opening the spool")?;
+        let catalog = Catalog::connect(&config.catalog_url())
+            .await
+            .with_context(|| format!("opening the catalog at {}", redact_url(&config.catalog_url())))?;
+        let uploader = Uploader::new(store.clone(), spool.clone(), config.upload.clone())?;
+        let uploads = UploadQueue::start(uploader);
+        let resumed = uploads.resume_from_spool().await?;
+        if resumed > 0 {
+            info!(resumed, "queued uploads left in the spool by a previous run");
+        }
+        Ok(Self { config: config.clone(), store, catalog, spool, uploads: Some(uploads) })
+    }
+
+    fn uploads(&self) -> &UploadQueue {
+        self.uploads.as_ref().expect("upload queue lives until shutdown")
+    }
+
+    /// Finish every queued upload, then close the catalog.
+    pub async fn shutdown(mut self) {
+        if let Some(q) = self.uploads.take() {
+            q.shutdown().await;
+        }
+        self.catalog.close().await;
+    }
+
+    /// Where an object can be found by a person: a file path for the local store, a URL-ish
+    /// location otherwise.
+    pub fn locate(&self, key: &ObjectPath) -> String {
+        locate(&self.config.storage, key.as_ref())
+    }
+}
+
+/// Where `key` lives, for a person: a file path for the local store, a URL-like name otherwise.
+pub fn locate(cfg: &storage::StoreConfig, key: &str) -> String {
+    let prefix = cfg.prefix.trim_matches('/');
+    let full = if prefix.is_empty() { key.to_string() } else { format!("{prefix}/{key}") };
+    match &cfg.backend {
+        StoreBackend::Local(l) => l.root.join(full).display().to_string(),
+        StoreBackend::S3(s) => format!("s3://{}/{full}", s.bucket.as_deref().unwrap_or("$AWS_BUCKET")),
+        StoreBackend::Gcs(g) => format!("gs://{}/{full}", g.bucket.as_deref().unwrap_or("$GOOGLE_BUCKET")),
+        StoreBackend::Azure(a) => {
+            format!("azure://{}/{full}", a.container.as_deref().unwrap_or("$AZURE_CONTAINER_NAME"))
+        }
+    }
+}
+
+/// A one-line description of the configured store (no secrets).
+pub fn describe_store(cfg: &storage::StoreConfig) -> String {
+    let root = locate(cfg, "");
+    match &cfg.backend {
+        StoreBackend::S3(s) => format!(
+            "{root} at {}",
+            s.endpoint.as_deref().unwrap_or("the AWS endpoint (or $AWS_ENDPOINT)")
+        ),
+        _ => root,
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    // postgres://user:secret@host → postgres://user:***@host
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+/// A participant as the call adapter knows them.
+#[derive(Debug, Clone)]
+pub struct ParticipantInfo {
+    /// The adapter's key for this participant, unique in the call (user id + device for Matrix).
+    pub id: String,
+    pub user_id: String,
+    pub device_id: Option<String>,
+    pub display_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrackInfo {
+    pub participant_id: String,
+    pub codec: Codec,
+    pub source: TrackSource,
+}
+
+struct TrackState {
+    info: TrackInfo,
+    writer: Option<TrackWriter>,
+    segments: Vec<(SegmentInfo, ObjectPath)>,
+    rejected_frames: u64,
+}
+
+/// The result of a finished recording.
+#[derive(Debug)]
+pub struct Finished {
+    pub recording_id: RecordingId,
+    pub manifest_key: ObjectPath,
+    /// Where a person finds the manifest (a file path for the local store).
+    pub manifest_location: String,
+    pub composites: Vec<String>,
+    pub manifest: Manifest,
+}
+
+pub struct Recording<'e> {
+    env: &'e Env,
+    id: RecordingId,
+    keys: ObjectKeys,
+    epoch_ms: i64,
+    dir: PathBuf,
+    participants: BTreeMap<String, (ParticipantInfo, Vec<storage::ParticipantId>)>,
+    tracks: BTreeMap<String, TrackState>,
+    timeline: Timeline,
+    pending_uploads: Vec<(ObjectPath, PathBuf, oneshot::Receiver<storage::Result<UploadReport>>)>,
+    last_us: i64,
+    manifest: Manifest,
+    span: tracing::Span,
+}
+
+fn kind_of(k: MediaKind) -> TrackKind {
+    match k {
+        MediaKind::Audio => TrackKind::Audio,
+        MediaKind::Video => TrackKind::Video,
+    }
+}
+
+impl<'e> Recording<'e> {
+    pub async fn start(env: &'e Env, room: &str, flavour: CallFlavour, external_call_id: Option<&str>) -> Result<Self> {
+        let room_id = RoomId::new(room);
+        let epoch_ms = storage::now_ms();
+        let call = env.catalog.create_call(&room_id, flavour, external_call_id, epoch_ms).await?;
+        let rec = env.catalog.create_recording(&call.id, epoch_ms).await?;
+        let keys = ObjectKeys::new(&room_id, &rec.id);
+        let dir = env
+            .spool
+            .path_for(&format!("{}/{}/.keep", key_component(room), key_component(rec.id.as_str())))
+            .await?
+            .parent()
+            .expect("spool path has a parent")
+            .to_path_buf();
+        let manifest = Manifest::new(
+            rec.id.as_str(),
+            epoch_ms,
+            manifest::RoomInfo { id: room.to_string(), name: None },
+            manifest::CallInfo {
+                id: call.id.to_string(),
+                flavour,
+                span: Span::from_offsets(epoch_ms, 0, None),
+            },
+        );
+        let span = info_span!("recording", room = %room, recording = %rec.id);
+        span.in_scope(|| info!(dir = %dir.display(), "recording started"));
+        env.catalog
+            .audit("mxrec", "recording.started", Some(&rec.id), serde_json::json!({ "room": room }))
+            .await?;
+        Ok(Self {
+            env,
+            id: rec.id,
+            keys,
+            epoch_ms,
+            dir,
+            participants: BTreeMap::new(),
+            tracks: BTreeMap::new(),
+            timeline: Timeline::default(),
+            pending_uploads: Vec::new(),
+            last_us: 0,
+            manifest,
+            span,
+        })
+    }
+
+    pub fn id(&self) -> &RecordingId {
+        &self.id
+    }
+
+    pub fn is_present(&self, participant: &str) -> bool {
+        self.timeline.is_present(participant)
+    }
+
+    pub fn participant_joined(&mut self, p: ParticipantInfo, at_us: i64) -> Result<()> {
+        self.timeline.joined(&p.id, at_us);
+        self.participants.entry(p.id.clone()).or_insert_with(|| (p, Vec::new()));
+        Ok(())
+    }
+
+    pub fn participant_left(&mut self, participant: &str, at_us: i64) {
+        self.timeline.left(participant, at_us);
+    }
+
+    pub fn set_muted(&mut self, track: &str, muted: bool, at_us: i64) {
+        self.timeline.set_muted(track, muted, at_us);
+    }
+
+    /// Registers a track and opens its segment writer; returns the track id used in keys and the
+    /// manifest.
+    pub fn add_track(&mut self, info: TrackInfo) -> Result<String> {
+        if !self.participants.contains_key(&info.participant_id) {
+            return Err(anyhow!("track for unknown participant {}", info.participant_id));
+        }
+        let base = key_component(&format!("{}-{}", info.participant_id, info.source));
+        let mut id = base.clone();
+        let mut n = 1;
+        while self.tracks.contains_key(&id) {
+            n += 1;
+            id = format!("{base}-{n}");
+        }
+        let mut cfg = TrackWriterConfig::new(self.dir.join(&id), id.clone(), info.codec);
+        cfg.segment_duration = self.env.config.segment_duration();
+        let writer = TrackWriter::new(cfg)
+        .with_context(|| format!("opening the segment writer for track {id}"))?;
+        self.span.in_scope(|| info!(track = %id, codec = ?info.codec, source = %info.source, "track added"));
+        self.tracks.insert(
+            id.clone(),
+            TrackState { info, writer: Some(writer), segments: Vec::new(), rejected_frames: 0 },
+        );
+        Ok(id)
+    }
+
+    /// Whether the track's writer waits for a keyframe (the receive path then asks for one).
+    pub fn wants_keyframe(&self, track: &str) -> bool {
+        self.tracks.get(track).and_then(|t| t.writer.as_ref()).is_some_and(TrackWriter::wants_keyframe)
+    }
+
+    /// Writes one frame. A frame the writer rejects (malformed, out of order) is counted and
+    /// logged; the recording goes on. Only an unknown track or a failing spool is an error.
+    pub async fn write(&mut self, track: &str, frame: EncodedFrame) -> Result<()> {
+        if self.timeline.is_paused() {
+            return Ok(());
+        }
+        let state = self.tracks.get_mut(track).ok_or_else(|| anyhow!("unknown track {track}"))?;
+        let Some(writer) = state.writer.as_mut() else {
+            return Err(anyhow!("track {track} is already finished"));
+        };
+        self.last_us = self.last_us.max(frame.pts_us);
+        let closed = match writer.write(frame) {
+            Ok(closed) => closed,
+            Err(e) => {
+                state.rejected_frames += 1;
+                if state.rejected_frames <= 5 || state.rejected_frames.is_power_of_two() {
+                    self.span.in_scope(|| {
+                        warn!(track, rejected = state.rejected_frames, error = %e, "frame rejected")
+                    });
+                }
+                return Ok(());
+            }
+        };
+        self.segments_closed(track, closed).await
+    }
+
+    async fn segments_closed(&mut self, track: &str, closed: Vec<SegmentInfo>) -> Result<()> {
+        for seg in closed {
+            let ext = seg.path.extension().and_then(|e| e.to_str()).unwrap_or("mkv").to_string();
+            let key = self.keys.segment(&storage::TrackId::new(track), seg.index, &ext);
+            let rx = self.env.uploads().enqueue(&seg.path, &key, Some(&self.id)).await?;
+            self.pending_uploads.push((key.clone(), seg.path.clone(), rx));
+            self.env
+                .catalog
+                .add_segment(&Segment {
+                    recording_id: self.id.clone(),
+                    track_id: storage::TrackId::new(track),
+                    index: seg.index,
+                    start_us: seg.start_us,
+                    end_us: seg.end_us,
+                    bytes: seg.bytes,
+                    sha256: seg.sha256.clone(),
+                    object_key: key.to_string(),
+                })
+                .await?;
+            self.last_us = self.last_us.max(seg.end_us);
+            self.tracks.get_mut(track).expect("track exists").segments.push((seg, key));
+        }
+        Ok(())
+    }
+
+    /// Ends the recording and runs the finalizer. Returns where everything went.
+    pub async fn finish(mut self) -> Result<Finished> {
+        let span = self.span.clone();
+        async move {
+            let ids: Vec<String> = self.tracks.keys().cloned().collect();
+            for id in &ids {
+                let writer = self.tracks.get_mut(id).and_then(|t| t.writer.take());
+                if let Some(w) = writer {
+                    let closed = w.finish().with_context(|| format!("closing track {id}"))?;
+                    self.segments_closed(id, closed).await?;
+                }
+            }
+            let end_us = self.last_us;
+            let present: Vec<String> =
+                self.participants.keys().filter(|p| self.timeline.is_present(p)).cloned().collect();
+            for p in present {
+                self.timeline.left(&p, end_us);
+            }
+            self.register_catalog_rows().await?;
+            let ended_ms = self.epoch_ms + end_us / 1000;
+            self.env.catalog.set_recording_ended(&self.id, ended_ms).await?;
+            self.env.catalog.set_recording_state(&self.id, RecordingState::Finalizing, None).await?;
+            match self.finalize(end_us).await {
+                Ok(done) => Ok(done),
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    warn!(error = %reason, "finalize failed; spooled files are kept for a retry");
+                    let _ = self
+                        .env
+                        .catalog
+                        .set_recording_state(&self.id, RecordingState::Failed, Some(&reason))
+                        .await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn register_catalog_rows(&mut self) -> Result<()> {
+        for (pid, (p, rows)) in &mut self.participants {
+            for stint in self.timeline.presence(pid, self.last_us) {
+                let row = self
+                    .env
+                    .catalog
+                    .add_participant(
+                        &self.id,
+                        &storage::UserId::new(p.user_id.as_str()),
+                        p.device_id.as_deref().map(storage::DeviceId::new).as_ref(),
+                        Some(&p.display_name),
+                        self.epoch_ms + stint.start_us / 1000,
+                    )
+                    .await?;
+                self.env.catalog.participant_left(&row.id, self.epoch_ms + stint.end_us / 1000).await?;
+                rows.push(row.id);
+            }
+        }
+        for (id, t) in &self.tracks {
+            let Some(rows) = self.participants.get(&t.info.participant_id).map(|(_, r)| r) else { continue };
+            let Some(participant_row) = rows.first() else { continue };
+            self.env
+                .catalog
+                .add_track(&Track {
+                    recording_id: self.id.clone(),
+                    id: storage::TrackId::new(id.as_str()),
+                    participant_id: participant_row.clone(),
+                    kind: kind_of(t.info.codec.kind()),
+                    codec: codec_name(t.info.codec).to_string(),
+                    source: t.info.source,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for one queued upload and records its outcome in the catalog's uploads table.
+    async fn await_upload(
+        &self,
+        key: &ObjectPath,
+        local: &Path,
+        rx: oneshot::Receiver<storage::Result<UploadReport>>,
+    ) -> Result<UploadReport> {
+        let outcome = rx.await.map_err(|_| anyhow!("the upload queue stopped before {key} was stored"))?;
+        let mut row = storage::catalog::Upload {
+            object_key: key.to_string(),
+            recording_id: Some(self.id.clone()),
+            local_path: local.display().to_string(),
+            size: None,
+            sha256: None,
+            etag: None,
+            state: storage::catalog::UploadState::Failed,
+            attempts: 0,
+            last_error: None,
+        };
+        match &outcome {
+            Ok(r) => {
+                row.size = Some(r.size);
+                row.sha256 = Some(r.sha256.clone());
+                row.etag = r.etag.clone();
+                row.state = storage::catalog::UploadState::Verified;
+                row.attempts = r.attempts;
+            }
+            Err(e) => row.last_error = Some(e.to_string()),
+        }
+        self.env.catalog.record_upload(&row).await?;
+        outcome.with_context(|| format!("uploading {key}"))
+    }
+
+    async fn finalize(&mut self, end_us: i64) -> Result<Finished> {
+        // 1. Every segment stored and verified.
+        for (key, local, rx) in std::mem::take(&mut self.pending_uploads) {
+            self.await_upload(&key, &local, rx).await?;
+        }
+
+        // 2. The manifest's body.
+        let epoch = self.epoch_ms;
+        let m = &mut self.manifest;
+        m.call.span = Span::from_offsets(epoch, 0, Some(end_us));
+        m.pauses = self.timeline.pauses(end_us).iter().map(|s| Span::from_offsets(epoch, s.start_us, Some(s.end_us))).collect();
+        m.participants = self
+            .participants
+            .values()
+            .map(|(p, _)| manifest::ParticipantInfo {
+                id: p.id.clone(),
+                user_id: p.user_id.clone(),
+                device_id: p.device_id.clone(),
+                display_name: Some(p.display_name.clone()),
+                present: self
+                    .timeline
+                    .presence(&p.id, end_us)
+                    .iter()
+                    .map(|s| Span::from_offsets(epoch, s.start_us, Some(s.end_us)))
+                    .collect(),
+            })
+            .collect();
+        m.tracks = self
+            .tracks
+            .iter()
+            .map(|(id, t)| manifest::TrackInfo {
+                id: id.clone(),
+                participant: t.info.participant_id.clone(),
+                kind: kind_of(t.info.codec.kind()),
+                codec: codec_name(t.info.codec).to_string(),
+                source: t.info.source,
+                muted: self
+                    .timeline
+                    .mutes(id, end_us)
+                    .iter()
+                    .map(|s| Span::from_offsets(epoch, s.start_us, Some(s.end_us)))
+                    .collect(),
+                undecryptable: Vec::new(),
+                segments: t
+                    .segments
+                    .iter()
+                    .map(|(s, key)| manifest::SegmentInfo {
+                        index: s.index,
+                        start_us: s.start_us,
+                        end_us: s.end_us,
+                        bytes: s.bytes,
+                        sha256: s.sha256.clone(),
+                        key: key.to_string(),
+                    })
+                    .collect(),
+            })
+            .collect();
+
+        // 3. The composite, rendered from the stored segments (local spool copies when kept).
+        let mut composites = Vec::new();
+        let has_media = self.manifest.tracks.iter().any(|t| !t.segments.is_empty());
+        if self.env.config.composite.enabled && has_media {
+            let local: BTreeMap<String, PathBuf> = self
+                .tracks
+                .values()
+                .flat_map(|t| t.segments.iter().map(|(s, k)| (k.to_string(), s.path.clone())))
+                .collect();
+            let out_dir = self.dir.clone();
+            let output = crate::export::render_manifest(
+                self.env.store.as_ref(),
+                &self.env.config.composite,
+                &self.manifest,
+                &local,
+                &out_dir,
+                Box::new(|_| {}),
+            )
+            .await
+            .context("rendering the composite")?;
+            let key = self.keys.output(output.file_name());
+            let rx = self.env.uploads().enqueue(&output.path, &key, Some(&self.id)).await?;
+            let report = self.await_upload(&key, &output.path, rx).await?;
+            self.manifest.outputs.push(manifest::OutputInfo {
+                kind: output.kind,
+                key: key.to_string(),
+                bytes: report.size,
+                sha256: output.sha256.clone(),
+                duration_us: output.duration_us,
+            });
+            composites.push(self.env.locate(&key));
+        }
+
+        // 4. The manifest itself, then the catalog.
+        let manifest_key = self.keys.manifest();
+        let path = self.dir.join("manifest.json");
+        tokio::fs::write(&path, self.manifest.to_json_pretty()?)
+            .await
+            .with_context(|| format!("writing {}", path.display()))?;
+        let rx = self.env.uploads().enqueue(&path, &manifest_key, Some(&self.id)).await?;
+        self.await_upload(&manifest_key, &path, rx).await?;
+        self.env.catalog.set_manifest_key(&self.id, manifest_key.as_ref()).await?;
+        self.env.catalog.set_recording_state(&self.id, RecordingState::Uploaded, None).await?;
+        self.env
+            .catalog
+            .audit(
+                "mxrec",
+                "recording.uploaded",
+                Some(&self.id),
+                serde_json::json!({ "manifest": manifest_key.to_string(), "duration_us": end_us }),
+            )
+            .await?;
+        info!(manifest = %manifest_key, "recording stored");
+        // The recording's spool directory is empty now unless uploads keep local copies.
+        let _ = remove_empty_dirs(&self.dir);
+        Ok(Finished {
+            recording_id: self.id.clone(),
+            manifest_location: self.env.locate(&manifest_key),
+            manifest_key,
+            composites,
+            manifest: self.manifest.clone(),
+        })
+    }
+}
+
+pub fn codec_name(c: Codec) -> &'static str {
+    match c {
+        Codec::Opus => "opus",
+        Codec::Vp8 => "vp8",
+        Codec::Vp9 => "vp9",
+        Codec::H264 => "h264",
+        Codec::Av1 => "av1",
+    }
+}
+
+pub fn codec_from_name(s: &str) -> Option<Codec> {
+    [Codec::Opus, Codec::Vp8, Codec::Vp9, Codec::H264, Codec::Av1].into_iter().find(|c| codec_name(*c) == s)
+}
+
+fn remove_empty_dirs(dir: &Path) -> std::io::Result<bool> {
+    let mut empty = true;
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            if !remove_empty_dirs(&p)? {
+                empty = false;
+            }
+        } else {
+            empty = false;
+        }
+    }
+    if empty {
+        std::fs::remove_dir(dir)?;
+    }
+    Ok(empty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_password_in_messages() {
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("sqlite://./data/mxrec.db"), "sqlite://./data/mxrec.db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn codec_names_round_trip() {
+        for c in [Codec::Opus, Codec::Vp8, Codec::Vp9, Codec::H264, Codec::Av1] {
+            assert_eq!(codec_from_name(codec_name(c)), Some(c));
+        }
+        assert_eq!(codec_from_name("mp3"), None);
+    }
+}
