@@ -85,10 +85,15 @@ impl Source {
 }
 
 pub async fn import(env: &Env, room: &str, files: Vec<ParticipantFile>) -> Result<Finished> {
+    // Every file is opened (and its codecs checked) before anything is recorded, so bad input
+    // leaves no half-made recording behind.
+    let opened = files
+        .into_iter()
+        .map(|pf| MediaFile::open(&pf.path).map(|f| (pf, f)))
+        .collect::<Result<Vec<_>>>()?;
     let mut recording = Recording::start(env, room, storage::manifest::CallFlavour::Import, None).await?;
     let mut sources = Vec::new();
-    for pf in files {
-        let file = MediaFile::open(&pf.path)?;
+    for (pf, file) in opened {
         recording.participant_joined(
             ParticipantInfo {
                 id: pf.id.clone(),
@@ -97,7 +102,8 @@ pub async fn import(env: &Env, room: &str, files: Vec<ParticipantFile>) -> Resul
                 display_name: pf.display_name.clone(),
             },
             pf.join_offset_us,
-        )?;
+        )
+        .await?;
         let mut tracks = Vec::new();
         for s in file.streams() {
             let source = match s.kind {
@@ -106,6 +112,7 @@ pub async fn import(env: &Env, room: &str, files: Vec<ParticipantFile>) -> Resul
             };
             let id = recording
                 .add_track(TrackInfo { participant_id: pf.id.clone(), codec: s.codec, source })
+                .await
                 .with_context(|| format!("adding a track for {}", pf.id))?;
             tracks.push((s.index, id));
         }
@@ -134,7 +141,7 @@ pub async fn import(env: &Env, room: &str, files: Vec<ParticipantFile>) -> Resul
         // A participant whose file ended has left the call.
         for s in &mut sources {
             if s.done && s.pending.is_none() && recording.is_present(&s.participant) {
-                recording.participant_left(&s.participant, s.last_end_us);
+                recording.participant_left(&s.participant, s.last_end_us).await?;
             }
         }
     }

@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -139,7 +139,9 @@ impl Config {
     }
 
     fn figment(path: Option<&Path>, env: Env) -> Figment {
-        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        // Defaults come from `#[serde(default)]`, not from a serialized default tree: merging one
+        // would mix the default store's keys (`root`) into a file that picks another `kind`.
+        let mut fig = Figment::new();
         if let Some(p) = path {
             fig = fig.merge(Toml::file_exact(p));
         }
@@ -280,6 +282,19 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.composite.fps, 25);
         assert_eq!(cfg.composite.width, 640);
+    }
+
+    #[test]
+    fn a_store_kind_other_than_the_default_takes_only_its_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, "[storage]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:1\"\n").unwrap();
+        let cfg = with_env(&[], || Config::load(Some(&path))).unwrap();
+        assert!(matches!(cfg.storage.backend, storage::StoreBackend::S3(_)));
+        // And no file at all gives the embedded defaults.
+        let cfg = with_env(&[], || Config::load(None)).unwrap();
+        assert!(matches!(cfg.storage.backend, storage::StoreBackend::Local(_)));
+        assert_eq!(cfg.composite.width, 1280);
     }
 
     #[test]

@@ -232,14 +232,37 @@ impl<'e> Recording<'e> {
         self.timeline.is_present(participant)
     }
 
-    pub fn participant_joined(&mut self, p: ParticipantInfo, at_us: i64) -> Result<()> {
+    /// A participant joined (or rejoined): the timeline and the catalog learn it now, so a crash
+    /// leaves a catalog that says who was there.
+    pub async fn participant_joined(&mut self, p: ParticipantInfo, at_us: i64) -> Result<()> {
+        if self.timeline.is_present(&p.id) {
+            return Ok(());
+        }
         self.timeline.joined(&p.id, at_us);
-        self.participants.entry(p.id.clone()).or_insert_with(|| (p, Vec::new()));
+        let row = self
+            .env
+            .catalog
+            .add_participant(
+                &self.id,
+                &storage::UserId::new(p.user_id.as_str()),
+                p.device_id.as_deref().map(storage::DeviceId::new).as_ref(),
+                Some(&p.display_name),
+                self.epoch_ms + at_us / 1000,
+            )
+            .await?;
+        self.participants.entry(p.id.clone()).or_insert_with(|| (p, Vec::new())).1.push(row.id);
         Ok(())
     }
 
-    pub fn participant_left(&mut self, participant: &str, at_us: i64) {
+    pub async fn participant_left(&mut self, participant: &str, at_us: i64) -> Result<()> {
+        if !self.timeline.is_present(participant) {
+            return Ok(());
+        }
         self.timeline.left(participant, at_us);
+        if let Some(row) = self.participants.get(participant).and_then(|(_, rows)| rows.last()) {
+            self.env.catalog.participant_left(row, self.epoch_ms + at_us / 1000).await?;
+        }
+        Ok(())
     }
 
     pub fn set_muted(&mut self, track: &str, muted: bool, at_us: i64) {
@@ -248,10 +271,12 @@ impl<'e> Recording<'e> {
 
     /// Registers a track and opens its segment writer; returns the track id used in keys and the
     /// manifest.
-    pub fn add_track(&mut self, info: TrackInfo) -> Result<String> {
-        if !self.participants.contains_key(&info.participant_id) {
+    pub async fn add_track(&mut self, info: TrackInfo) -> Result<String> {
+        let Some(participant_row) =
+            self.participants.get(&info.participant_id).and_then(|(_, rows)| rows.last()).cloned()
+        else {
             return Err(anyhow!("track for unknown participant {}", info.participant_id));
-        }
+        };
         let base = key_component(&format!("{}-{}", info.participant_id, info.source));
         let mut id = base.clone();
         let mut n = 1;
@@ -263,6 +288,17 @@ impl<'e> Recording<'e> {
         cfg.segment_duration = self.env.config.segment_duration();
         let writer = TrackWriter::new(cfg)
         .with_context(|| format!("opening the segment writer for track {id}"))?;
+        self.env
+            .catalog
+            .add_track(&Track {
+                recording_id: self.id.clone(),
+                id: storage::TrackId::new(id.as_str()),
+                participant_id: participant_row,
+                kind: kind_of(info.codec.kind()),
+                codec: codec_name(info.codec).to_string(),
+                source: info.source,
+            })
+            .await?;
         self.span.in_scope(|| info!(track = %id, codec = ?info.codec, source = %info.source, "track added"));
         self.tracks.insert(
             id.clone(),
@@ -343,9 +379,8 @@ impl<'e> Recording<'e> {
             let present: Vec<String> =
                 self.participants.keys().filter(|p| self.timeline.is_present(p)).cloned().collect();
             for p in present {
-                self.timeline.left(&p, end_us);
+                self.participant_left(&p, end_us).await?;
             }
-            self.register_catalog_rows().await?;
             let ended_ms = self.epoch_ms + end_us / 1000;
             self.env.catalog.set_recording_ended(&self.id, ended_ms).await?;
             self.env.catalog.set_recording_state(&self.id, RecordingState::Finalizing, None).await?;
@@ -365,42 +400,6 @@ impl<'e> Recording<'e> {
         }
         .instrument(span)
         .await
-    }
-
-    async fn register_catalog_rows(&mut self) -> Result<()> {
-        for (pid, (p, rows)) in &mut self.participants {
-            for stint in self.timeline.presence(pid, self.last_us) {
-                let row = self
-                    .env
-                    .catalog
-                    .add_participant(
-                        &self.id,
-                        &storage::UserId::new(p.user_id.as_str()),
-                        p.device_id.as_deref().map(storage::DeviceId::new).as_ref(),
-                        Some(&p.display_name),
-                        self.epoch_ms + stint.start_us / 1000,
-                    )
-                    .await?;
-                self.env.catalog.participant_left(&row.id, self.epoch_ms + stint.end_us / 1000).await?;
-                rows.push(row.id);
-            }
-        }
-        for (id, t) in &self.tracks {
-            let Some(rows) = self.participants.get(&t.info.participant_id).map(|(_, r)| r) else { continue };
-            let Some(participant_row) = rows.first() else { continue };
-            self.env
-                .catalog
-                .add_track(&Track {
-                    recording_id: self.id.clone(),
-                    id: storage::TrackId::new(id.as_str()),
-                    participant_id: participant_row.clone(),
-                    kind: kind_of(t.info.codec.kind()),
-                    codec: codec_name(t.info.codec).to_string(),
-                    source: t.info.source,
-                })
-                .await?;
-        }
-        Ok(())
     }
 
     /// Waits for one queued upload and records its outcome in the catalog's uploads table.
