@@ -1,0 +1,38 @@
+//! The media layer of mxrec: it turns encoded frames on a recording's common clock into
+//! codec-copy Matroska/WebM segments ([`TrackWriter`]), and turns all the segments of a
+//! recording plus its timeline (who was present, muted, paused) into one composed MP4 or M4A
+//! ([`render`]). It takes frames, paths and intervals and gives files and their metadata; it
+//! knows nothing of Matrix, WebRTC signalling or object storage, so everything upstream of
+//! "frames on a wall clock" and downstream of "files on disk" lives in other crates.
+
+mod bitstream;
+mod codec;
+mod compositor;
+mod error;
+mod ff;
+mod layout;
+mod mux;
+mod track_writer;
+
+pub use codec::{Codec, MediaKind};
+pub use compositor::{
+    filtergraph, render, CompositeParticipant, CompositeReport, CompositeSpec, CompositeTrack,
+    Interval, TrackSource,
+};
+pub use error::TranscodeError;
+pub use layout::{layout, Rect, Tile, TileKind};
+pub use track_writer::{
+    EncodedFrame, SegmentInfo, TrackWriter, TrackWriterConfig, TrackWriterStats,
+};
+
+/// Initialises libav* once; every public entry point calls it, so callers never have to.
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = ffmpeg_next::init() {
+            tracing::error!(error = %e, "ffmpeg initialisation failed");
+        }
+        // libav* prints to stderr by default; our own errors carry the context instead.
+        ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Error);
+    });
+}

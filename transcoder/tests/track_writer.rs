@@ -1,0 +1,482 @@
+//! TrackWriter against real encoder output: fixtures are encoded by the ffmpeg CLI at test
+//! time, demuxed with ffmpeg-next and fed frame by frame as the receive path would.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use transcoder::{
+    Codec, EncodedFrame, SegmentInfo, TrackWriter, TrackWriterConfig, TranscodeError,
+};
+
+/// Where the recording clock puts the track's first frame: not 0, to prove absolute times.
+const OFFSET_US: i64 = 1_500_000;
+
+fn fixture(dir: &Path, codec: Codec) -> std::path::PathBuf {
+    fixture_gop(dir, codec, 30)
+}
+
+fn fixture_gop(dir: &Path, codec: Codec, gop: u32) -> std::path::PathBuf {
+    let video = "testsrc=s=320x240:r=30:d=7";
+    let gop = gop.to_string();
+    let gop = gop.as_str();
+    let out;
+    match codec {
+        Codec::Opus => {
+            out = p(dir, "in.webm");
+            ffmpeg(&[
+                "-f",
+                "lavfi",
+                "-i",
+                "sine=f=440:d=7",
+                "-ac",
+                "2",
+                "-c:a",
+                "libopus",
+                "-b:a",
+                "64k",
+                out.to_str().unwrap(),
+            ]);
+        }
+        Codec::Vp8 => {
+            out = p(dir, "in.webm");
+            ffmpeg(&[
+                "-f",
+                "lavfi",
+                "-i",
+                video,
+                "-c:v",
+                "libvpx",
+                "-g",
+                gop,
+                "-lag-in-frames",
+                "0",
+                "-deadline",
+                "realtime",
+                "-cpu-used",
+                "8",
+                "-b:v",
+                "400k",
+                out.to_str().unwrap(),
+            ]);
+        }
+        Codec::Vp9 => {
+            out = p(dir, "in.webm");
+            ffmpeg(&[
+                "-f",
+                "lavfi",
+                "-i",
+                video,
+                "-c:v",
+                "libvpx-vp9",
+                "-g",
+                "30",
+                "-lag-in-frames",
+                "0",
+                "-deadline",
+                "realtime",
+                "-cpu-used",
+                "8",
+                "-b:v",
+                "400k",
+                out.to_str().unwrap(),
+            ]);
+        }
+        Codec::H264 => {
+            // MPEG-TS carries H.264 as Annex B, the form WebRTC depacketizers produce.
+            out = p(dir, "in.ts");
+            ffmpeg(&[
+                "-f",
+                "lavfi",
+                "-i",
+                video,
+                "-c:v",
+                "libx264",
+                "-pix_fmt",
+                "yuv420p",
+                "-profile:v",
+                "baseline",
+                "-bf",
+                "0",
+                "-g",
+                "30",
+                "-preset",
+                "veryfast",
+                out.to_str().unwrap(),
+            ]);
+        }
+        Codec::Av1 => {
+            // IVF keeps each temporal unit as-is: OBUs with size fields, sequence header in
+            // every key frame, as an AV1 RTP depacketizer hands them over.
+            out = p(dir, "in.ivf");
+            ffmpeg(&[
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc=s=256x144:r=30:d=7",
+                "-c:v",
+                "libaom-av1",
+                "-cpu-used",
+                "8",
+                "-usage",
+                "realtime",
+                "-lag-in-frames",
+                "0",
+                "-g",
+                "30",
+                "-b:v",
+                "200k",
+                out.to_str().unwrap(),
+            ]);
+        }
+    }
+    out
+}
+
+fn config(dir: &Path, codec: Codec) -> TrackWriterConfig {
+    TrackWriterConfig::new(dir.join("segs"), format!("track-{codec}"), codec)
+}
+
+/// The checks every codec must pass.
+fn check_segments(codec: Codec, segs: &[SegmentInfo], pkts: &[Packet], size: Option<(u32, u32)>) {
+    assert!(segs.len() >= 3, "{codec}: only {} segments", segs.len());
+    let frame_us = pkts[1].pts_us - pkts[0].pts_us;
+    let input_end = pkts.last().unwrap().pts_us + OFFSET_US + frame_us;
+    assert_eq!(
+        segs[0].start_us,
+        pkts[0].pts_us + OFFSET_US,
+        "{codec}: first segment starts at the first frame"
+    );
+    assert!(
+        (segs.last().unwrap().end_us - input_end).abs() <= frame_us,
+        "{codec}: segments end at {} us, input at {input_end} us",
+        segs.last().unwrap().end_us
+    );
+    let total: u64 = segs.iter().map(|s| s.frames).sum();
+    assert_eq!(
+        total,
+        pkts.len() as u64,
+        "{codec}: every frame is in exactly one segment"
+    );
+    for (i, s) in segs.iter().enumerate() {
+        assert_eq!(s.index, i as u32);
+        let ext = if codec == Codec::H264 { "mkv" } else { "webm" };
+        assert_eq!(
+            s.path.file_name().unwrap().to_str().unwrap(),
+            format!("track-{codec}-{i:05}.{ext}")
+        );
+        assert_eq!(std::fs::metadata(&s.path).unwrap().len(), s.bytes);
+        assert_eq!(s.sha256.len(), 64);
+        if i + 1 < segs.len() {
+            assert_eq!(
+                s.end_us,
+                segs[i + 1].start_us,
+                "{codec}: segment {i} and the next are contiguous"
+            );
+            // Cut at the first keyframe at or after 2 s (audio: the first frame).
+            let len = s.end_us - s.start_us;
+            assert!(
+                len >= 2_000_000 && len < 2_000_000 + 1_000_000 + frame_us,
+                "{codec}: segment {i} lasts {len} us"
+            );
+        }
+        let errors = decode_errors(&s.path);
+        assert!(
+            errors.is_empty(),
+            "{codec}: segment {i} does not decode cleanly on its own: {errors}"
+        );
+        let pr = probe(&s.path);
+        assert_eq!(pr.codec, codec.name());
+        // Matroska keeps milliseconds.
+        assert!(
+            (pr.start_us - s.start_us).abs() <= 1000,
+            "{codec}: segment {i} container start {} vs recorded {}",
+            pr.start_us,
+            s.start_us
+        );
+        assert!((pr.first_pts_us - s.start_us).abs() <= 1000);
+        assert!(
+            (pr.end_us - s.end_us).abs() <= 1000,
+            "{codec}: segment {i} content ends at {} vs recorded {}",
+            pr.end_us,
+            s.end_us
+        );
+        assert_eq!(pr.packets, s.frames);
+        if codec != Codec::Opus {
+            assert_eq!(
+                pr.decoded_frames, s.frames,
+                "{codec}: segment {i}: every frame decodes"
+            );
+            assert_eq!(
+                (pr.width, pr.height),
+                size.map(|(w, h)| (Some(w), Some(h))).unwrap()
+            );
+            assert_eq!((s.width, s.height), (pr.width, pr.height));
+        } else {
+            assert!(pr.decoded_frames >= s.frames);
+        }
+    }
+}
+
+fn codec_round_trip(codec: Codec, size: Option<(u32, u32)>) {
+    let tmpdir = tmp();
+    let dir = tmpdir.path().to_path_buf();
+    let src = fixture(&dir, codec);
+    let pkts = packets(&src);
+    assert!(pkts.len() > 100, "fixture too short");
+    let writer = TrackWriter::new(config(&dir, codec)).unwrap();
+    let segs = write_all(writer, &pkts, OFFSET_US);
+    check_segments(codec, &segs, &pkts, size);
+    // No half-written file is left behind after finish().
+    for e in std::fs::read_dir(dir.join("segs")).unwrap() {
+        let name = e.unwrap().file_name();
+        assert!(
+            !name.to_string_lossy().ends_with(".partial"),
+            "{name:?} left behind"
+        );
+    }
+}
+
+#[test]
+fn opus_segments() {
+    codec_round_trip(Codec::Opus, None);
+}
+
+#[test]
+fn vp8_segments() {
+    codec_round_trip(Codec::Vp8, Some((320, 240)));
+}
+
+#[test]
+fn vp9_segments() {
+    codec_round_trip(Codec::Vp9, Some((320, 240)));
+}
+
+#[test]
+fn h264_segments() {
+    codec_round_trip(Codec::H264, Some((320, 240)));
+}
+
+#[test]
+fn av1_segments() {
+    codec_round_trip(Codec::Av1, Some((256, 144)));
+}
+
+#[test]
+fn video_waits_for_a_keyframe_and_asks_for_one() {
+    let dir = tmp();
+    // Keyframes every 1.5 s, so a 2 s segment is due before the next keyframe comes.
+    let src = fixture_gop(dir.path(), Codec::Vp8, 45);
+    let pkts = packets(&src);
+    let mut w = TrackWriter::new(config(dir.path(), Codec::Vp8)).unwrap();
+    assert!(w.wants_keyframe());
+    // Start mid-GOP: frames up to the next keyframe are dropped.
+    let first_key = pkts.iter().skip(1).position(|p| p.key).unwrap() + 1;
+    for p in &pkts[1..first_key] {
+        assert!(w.write(frame(p, 0)).unwrap().is_empty());
+        assert!(w.wants_keyframe());
+    }
+    assert_eq!(w.stats().dropped_before_keyframe, (first_key - 1) as u64);
+    let mut segs = Vec::new();
+    let mut asked = false;
+    for p in &pkts[first_key..] {
+        segs.extend(w.write(frame(p, 0)).unwrap());
+        asked |= w.wants_keyframe();
+    }
+    assert!(asked, "a due segment asks for a keyframe until one comes");
+    segs.extend(w.finish().unwrap());
+    assert_eq!(segs[0].start_us, pkts[first_key].pts_us);
+    assert!(segs.iter().all(|s| decode_errors(&s.path).is_empty()));
+}
+
+#[test]
+fn resolution_change_starts_a_new_segment() {
+    let dir = tmp();
+    let a = p(dir.path(), "a.webm");
+    let b = p(dir.path(), "b.webm");
+    let enc = [
+        "-c:v",
+        "libvpx",
+        "-g",
+        "30",
+        "-deadline",
+        "realtime",
+        "-cpu-used",
+        "8",
+        "-b:v",
+        "400k",
+    ];
+    let mut args = vec!["-f", "lavfi", "-i", "testsrc=s=640x360:r=30:d=3"];
+    args.extend_from_slice(&enc);
+    args.push(a.to_str().unwrap());
+    ffmpeg(&args);
+    let mut args = vec!["-f", "lavfi", "-i", "testsrc=s=320x240:r=30:d=3"];
+    args.extend_from_slice(&enc);
+    args.push(b.to_str().unwrap());
+    ffmpeg(&args);
+    let pa = packets(&a);
+    let mut pb = packets(&b);
+    let switch_us = pa.last().unwrap().pts_us + 33_333;
+    for p in pb.iter_mut() {
+        p.pts_us += switch_us;
+    }
+    let all: Vec<Packet> = pa.into_iter().chain(pb).collect();
+    let w = TrackWriter::new(config(dir.path(), Codec::Vp8)).unwrap();
+    let segs = write_all(w, &all, 0);
+    let cut = segs
+        .iter()
+        .position(|s| s.start_us == switch_us)
+        .expect("a segment starts exactly at the switch");
+    for (i, s) in segs.iter().enumerate() {
+        let want = if i < cut { (640, 360) } else { (320, 240) };
+        assert_eq!(
+            (s.width, s.height),
+            (Some(want.0), Some(want.1)),
+            "segment {i}"
+        );
+        let pr = probe(&s.path);
+        assert_eq!(
+            (pr.width, pr.height),
+            (Some(want.0), Some(want.1)),
+            "segment {i} as probed"
+        );
+        assert!(decode_errors(&s.path).is_empty());
+    }
+    // The segment before the switch was cut early, at 3 s rather than after 4 s.
+    assert_eq!(segs[cut - 1].end_us, switch_us);
+}
+
+#[test]
+fn garbage_frames_are_rejected_and_the_writer_goes_on() {
+    let dir = tmp();
+    let src = fixture(dir.path(), Codec::Vp8);
+    let pkts = packets(&src);
+    let mut w = TrackWriter::new(config(dir.path(), Codec::Vp8)).unwrap();
+    let mut segs = Vec::new();
+    let mut rejected = 0;
+    for (i, p) in pkts.iter().enumerate() {
+        if i == 40 {
+            let bad = [
+                EncodedFrame {
+                    data: bytes::Bytes::new(),
+                    pts_us: p.pts_us - 1,
+                    keyframe: false,
+                },
+                // A key frame cut short in its header.
+                EncodedFrame {
+                    data: pkts[0].data.slice_to(6),
+                    pts_us: p.pts_us - 1,
+                    keyframe: true,
+                },
+                // Noise claiming to be a key frame: no VP8 start code.
+                EncodedFrame {
+                    data: vec![0x50u8; 200].into(),
+                    pts_us: p.pts_us - 1,
+                    keyframe: true,
+                },
+            ];
+            for f in bad {
+                match w.write(f) {
+                    Err(TranscodeError::InvalidFrame { .. }) => rejected += 1,
+                    other => panic!("garbage accepted: {other:?}"),
+                }
+            }
+            // Going backwards in time: dropped.
+            match w.write(frame(&pkts[10], 0)) {
+                Err(TranscodeError::NonMonotonicPts { .. }) => {}
+                other => panic!("backwards pts accepted: {other:?}"),
+            }
+        }
+        segs.extend(w.write(frame(p, 0)).unwrap());
+    }
+    let stats = w.stats();
+    segs.extend(w.finish().unwrap());
+    assert_eq!(rejected, 3);
+    assert_eq!(stats.rejected, 3);
+    assert_eq!(stats.dropped_backwards, 1);
+    assert_eq!(
+        segs.iter().map(|s| s.frames).sum::<u64>(),
+        pkts.len() as u64
+    );
+    for s in &segs {
+        assert!(decode_errors(&s.path).is_empty());
+    }
+
+    // The other codecs' framing checks.
+    let mut h = TrackWriter::new(TrackWriterConfig::new(
+        dir.path().join("h"),
+        "h",
+        Codec::H264,
+    ))
+    .unwrap();
+    assert!(matches!(
+        h.write(EncodedFrame {
+            data: vec![0x65, 1, 2, 3].into(),
+            pts_us: 0,
+            keyframe: true
+        }),
+        Err(TranscodeError::InvalidFrame { .. })
+    ));
+    let mut a = TrackWriter::new(TrackWriterConfig::new(
+        dir.path().join("a"),
+        "a",
+        Codec::Av1,
+    ))
+    .unwrap();
+    assert!(matches!(
+        a.write(EncodedFrame {
+            data: vec![0x32, 0x7f, 1].into(),
+            pts_us: 0,
+            keyframe: true
+        }),
+        Err(TranscodeError::InvalidFrame { .. })
+    ));
+    let mut o = TrackWriter::new(TrackWriterConfig::new(
+        dir.path().join("o"),
+        "o",
+        Codec::Opus,
+    ))
+    .unwrap();
+    assert!(matches!(
+        o.write(EncodedFrame {
+            data: bytes::Bytes::new(),
+            pts_us: 0,
+            keyframe: true
+        }),
+        Err(TranscodeError::InvalidFrame { .. })
+    ));
+    assert!(matches!(
+        o.write(EncodedFrame {
+            data: vec![0xfb].into(),
+            pts_us: -5,
+            keyframe: true
+        }),
+        Err(TranscodeError::InvalidFrame { .. })
+    ));
+}
+
+trait SliceTo {
+    fn slice_to(&self, n: usize) -> bytes::Bytes;
+}
+impl SliceTo for Vec<u8> {
+    fn slice_to(&self, n: usize) -> bytes::Bytes {
+        bytes::Bytes::copy_from_slice(&self[..n])
+    }
+}
+
+#[test]
+fn drop_closes_the_open_segment() {
+    let dir = tmp();
+    let src = fixture(dir.path(), Codec::Opus);
+    let pkts = packets(&src);
+    {
+        let mut w = TrackWriter::new(config(dir.path(), Codec::Opus)).unwrap();
+        for p in &pkts[..60] {
+            w.write(frame(p, 0)).unwrap();
+        }
+    }
+    let seg = dir.path().join("segs/track-opus-00000.webm");
+    assert!(seg.exists(), "dropped writer closed its segment");
+    assert!(decode_errors(&seg).is_empty());
+}
