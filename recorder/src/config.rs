@@ -26,6 +26,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "storage",
     "upload",
     "catalog",
+    "http",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +40,7 @@ pub struct Config {
     pub storage: storage::StoreConfig,
     pub upload: storage::UploaderConfig,
     pub catalog: CatalogConfig,
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             storage: storage::StoreConfig::default(),
             upload: storage::UploaderConfig::default(),
             catalog: CatalogConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -114,6 +117,79 @@ impl Default for CompositeConfig {
 pub struct CatalogConfig {
     /// `sqlite://path.db` or `postgres://user:pass@host/db`; default `sqlite://<data_dir>/mxrec.db`.
     pub url: Option<String>,
+}
+
+/// The HTTP server (`mxrec serve`): share links, `/healthz`, `/metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address the server listens on. Loopback by default: put a TLS reverse proxy in front.
+    pub bind: String,
+    /// Base URL people reach the server at; links are `<public_url>/r/<token>`.
+    pub public_url: String,
+    /// Lifetime of a share link, in hours (default 7 days).
+    pub link_ttl_hours: u64,
+    /// Lifetime of the presigned store URL a link redirects to (S3, GCS, Azure), in seconds.
+    /// Only the start of a download must fall within it.
+    pub presign_ttl_secs: u64,
+    /// Time a request may take to produce its response headers; a download's body may stream for
+    /// longer.
+    pub request_timeout_secs: u64,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// After SIGINT/SIGTERM, how long open connections (downloads) may finish before the server
+    /// closes them.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".into(),
+            public_url: "http://127.0.0.1:8080".into(),
+            link_ttl_hours: 7 * 24,
+            presign_ttl_secs: 15 * 60,
+            request_timeout_secs: 30,
+            max_body_bytes: 64 * 1024,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl HttpConfig {
+    pub fn link_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.link_ttl_hours.saturating_mul(3600))
+    }
+
+    pub fn presign_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.presign_ttl_secs)
+    }
+
+    /// `public_url` without a trailing slash, ready to have `/r/<token>` appended.
+    pub fn public_base(&self) -> &str {
+        self.public_url.trim_end_matches('/')
+    }
+
+    fn validate(&self, bad: &mut impl FnMut(&str, String)) {
+        if self.bind.parse::<std::net::SocketAddr>().is_err() {
+            bad("http.bind", format!("`{}` is not an address like 127.0.0.1:8080", self.bind));
+        }
+        let u = &self.public_url;
+        let rest = u.strip_prefix("https://").or_else(|| u.strip_prefix("http://"));
+        if rest.is_none_or(|r| r.is_empty() || r.starts_with('/') || r.contains(['?', '#', ' '])) {
+            bad("http.public_url", format!("`{u}` is not an http(s):// base URL without query or fragment"));
+        }
+        if !(1..=24 * 366).contains(&self.link_ttl_hours) {
+            bad("http.link_ttl_hours", format!("{} is outside 1..=8784 hours", self.link_ttl_hours));
+        }
+        // SigV4 presigned URLs cannot live longer than 7 days.
+        if !(1..=7 * 24 * 3600).contains(&self.presign_ttl_secs) {
+            bad("http.presign_ttl_secs", format!("{} is outside 1..=604800 seconds", self.presign_ttl_secs));
+        }
+        if self.request_timeout_secs == 0 {
+            bad("http.request_timeout_secs", "must be at least 1".into());
+        }
+    }
 }
 
 /// One thing wrong with a configuration, with the key it concerns.
@@ -207,6 +283,7 @@ impl Config {
         if let Err(e) = self.upload.validate() {
             bad("upload", e.to_string());
         }
+        self.http.validate(&mut bad);
         out
     }
 }
@@ -318,8 +395,21 @@ mod tests {
         c.composite.fps = 0;
         c.recording.segment_seconds = 0.1;
         c.catalog.url = Some("mysql://x".into());
+        c.http.bind = "localhost".into();
+        c.http.public_url = "ftp://x".into();
+        c.http.link_ttl_hours = 0;
+        c.http.presign_ttl_secs = 8 * 24 * 3600;
         let keys: Vec<_> = c.validate().into_iter().map(|p| p.key).collect();
-        for k in ["composite.width", "composite.fps", "recording.segment_seconds", "catalog.url"] {
+        for k in [
+            "composite.width",
+            "composite.fps",
+            "recording.segment_seconds",
+            "catalog.url",
+            "http.bind",
+            "http.public_url",
+            "http.link_ttl_hours",
+            "http.presign_ttl_secs",
+        ] {
             assert!(keys.contains(&k.to_string()), "{k} missing from {keys:?}");
         }
     }

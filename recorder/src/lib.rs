@@ -5,13 +5,16 @@
 //!
 //! Layout: `config` (the one configuration tree), `timeline` (pure: presence, mutes, pauses),
 //! `pipeline` (one recording's state: writers, timeline, uploads; the finalizer), `import` (the file
-//! adapter), `export` (re-rendering a stored recording).
+//! adapter), `export` (re-rendering a stored recording), `http` (the one HTTP server: share
+//! links, /healthz, /metrics).
 
 pub mod cli_import;
 pub mod config;
 pub mod export;
+pub mod http;
 pub mod import;
 pub mod logging;
 pub mod pipeline;
 pub mod timeline;
 pub mod voip1;
+pub mod rtp;

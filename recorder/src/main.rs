@@ -54,6 +54,29 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Share links to a recording's files (served by `mxrec serve`).
+    Links {
+        #[command(subcommand)]
+        command: LinksCommand,
+    },
+    /// Run the HTTP server (share links, /healthz, /metrics) until SIGINT or SIGTERM.
+    Serve,
+}
+
+#[derive(Subcommand)]
+enum LinksCommand {
+    /// Issue links to a stored recording and print them, one per line.
+    Create {
+        recording_id: String,
+        /// Which files: the composite, the manifest, or every segment of every track.
+        #[arg(long, value_enum, default_value = "composite")]
+        what: recorder::http::What,
+        /// Lifetime in hours; default `http.link_ttl_hours`.
+        #[arg(long)]
+        ttl_hours: Option<u64>,
+    },
+    /// Revoke every link of a recording and print how many were revoked.
+    Revoke { recording_id: String },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +119,7 @@ fn check_config(config: &Config, path: Option<&std::path::Path>) -> ExitCode {
         println!("  catalog: {}", config.catalog_url());
         println!("  storage: {}", recorder::pipeline::describe_store(&config.storage));
         println!("  spool:   {}", config.spool_dir().display());
+        println!("  http:    {} (links: {}/r/…)", config.http.bind, config.http.public_base());
         ExitCode::SUCCESS
     } else {
         eprintln!("{source}: {} problem(s)", problems.len());
@@ -150,5 +174,66 @@ async fn run(command: Command, config: Config) -> Result<()> {
             env.shutdown().await;
             Ok(())
         }
+        Command::Links { command } => links(command, &config).await,
+        Command::Serve => serve(&config).await,
     }
+}
+
+async fn links(command: LinksCommand, config: &Config) -> Result<()> {
+    use recorder::http::{links::shareable_objects, HttpState};
+    check_http_config(config)?;
+    if let LinksCommand::Create { ttl_hours: Some(0), .. } = command {
+        anyhow::bail!("--ttl-hours must be at least 1");
+    }
+    let state = HttpState::open(config).await?;
+    let result = match command {
+        LinksCommand::Create { recording_id, what, ttl_hours } => {
+            let recording = storage::RecordingId::new(recording_id);
+            let ttl = ttl_hours
+                .map_or(state.links.default_ttl(), |h| std::time::Duration::from_secs(h.saturating_mul(3600)));
+            async {
+                let objects = shareable_objects(&state.catalog, state.store.as_ref(), &recording, what).await?;
+                for o in objects {
+                    let link = state.links.issue(&recording, &o.key, ttl).await?;
+                    println!("{}: {}  (expires {})", o.label, link.url, link.expires_at.format("%Y-%m-%d %H:%M UTC"));
+                }
+                anyhow::Ok(())
+            }
+            .await
+        }
+        LinksCommand::Revoke { recording_id } => {
+            let recording = storage::RecordingId::new(recording_id);
+            state.links.revoke_recording(&recording).await.map(|n| println!("revoked: {n}")).map_err(Into::into)
+        }
+    };
+    state.catalog.close().await;
+    result
+}
+
+/// The settings the HTTP side depends on must be valid; others (the composite's font, say) need
+/// not be, since nothing is recorded here.
+fn check_http_config(config: &Config) -> Result<()> {
+    let problems = config.validate();
+    let relevant = |p: &&recorder::config::Problem| ["http", "storage", "catalog"].iter().any(|k| p.key.starts_with(k));
+    let list: Vec<String> = problems.iter().filter(relevant).map(ToString::to_string).collect();
+    if list.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("invalid configuration:\n  {}", list.join("\n  "))
+    }
+}
+
+async fn serve(config: &Config) -> Result<()> {
+    check_http_config(config)?;
+    let state = recorder::http::HttpState::open(config).await?;
+    let catalog = state.catalog.clone();
+    let listener = tokio::net::TcpListener::bind(&config.http.bind)
+        .await
+        .with_context(|| format!("listening on {} (http.bind)", config.http.bind))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%addr, public_url = %config.http.public_url, "HTTP server listening");
+    println!("listening: http://{addr}");
+    let served = recorder::http::serve(listener, state, recorder::http::shutdown_signal()).await;
+    catalog.close().await;
+    served.with_context(|| format!("serving HTTP on {addr}"))
 }

@@ -896,3 +896,206 @@ mod tests {
         assert_eq!(prepare_sqlite_url(&ro).unwrap(), ro);
     }
 }
+
+// ---- links ----
+//
+// Kept apart from the impl above: share links are read by the HTTP side, written by whoever
+// publishes a recording. The catalog stores only a hash of each token, so a leaked database (or
+// backup) cannot be turned into working links; minting and hashing tokens is the caller's job.
+
+/// A share link as the catalog holds it: the token's hash, never the token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkRecord {
+    /// Lowercase hex SHA-256 of the token.
+    pub token_hash: String,
+    pub recording_id: RecordingId,
+    /// The object the link serves, relative to the store (the store applies its prefix).
+    pub object_key: String,
+    pub created_at_ms: i64,
+    /// `None` never expires (mxrec always sets one; the column allows NULL).
+    pub expires_at_ms: Option<i64>,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// Why a stored link does not serve any more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkRefusal {
+    Expired,
+    Revoked,
+}
+
+impl LinkRecord {
+    /// `Ok` while the link may be used at `now_ms`; revocation wins over expiry.
+    pub fn check(&self, now_ms: i64) -> std::result::Result<(), LinkRefusal> {
+        if self.revoked_at_ms.is_some_and(|r| r <= now_ms) {
+            Err(LinkRefusal::Revoked)
+        } else if self.expires_at_ms.is_some_and(|e| e <= now_ms) {
+            Err(LinkRefusal::Expired)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+const LINK_COLS: &str =
+    "token_hash, recording_id, object_key, created_at_ms, expires_at_ms, revoked_at_ms";
+
+fn link_from_row(r: &AnyRow) -> Result<LinkRecord> {
+    Ok(LinkRecord {
+        token_hash: r.try_get("token_hash")?,
+        recording_id: RecordingId::new(r.try_get::<String, _>("recording_id")?),
+        object_key: r.try_get("object_key")?,
+        created_at_ms: r.try_get("created_at_ms")?,
+        expires_at_ms: r.try_get("expires_at_ms")?,
+        revoked_at_ms: r.try_get("revoked_at_ms")?,
+    })
+}
+
+impl Catalog {
+    /// A trivial round trip, for health checks: fails when the database is unreachable or the
+    /// pool has been closed.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Store a new link. The recording must exist (foreign key); a hash collision is an error.
+    pub async fn insert_link(&self, link: &LinkRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO links (token_hash, recording_id, object_key, created_at_ms, expires_at_ms, revoked_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(link.token_hash.as_str())
+        .bind(link.recording_id.as_str())
+        .bind(link.object_key.as_str())
+        .bind(link.created_at_ms)
+        .bind(link.expires_at_ms)
+        .bind(link.revoked_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The link whose token hashes to `token_hash`, whatever its state.
+    pub async fn link_by_token_hash(&self, token_hash: &str) -> Result<Option<LinkRecord>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {LINK_COLS} FROM links WHERE token_hash = $1"
+        )))
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(link_from_row).transpose()
+    }
+
+    /// Every link of a recording, oldest first.
+    pub async fn links_of_recording(&self, recording: &RecordingId) -> Result<Vec<LinkRecord>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {LINK_COLS} FROM links WHERE recording_id = $1 ORDER BY created_at_ms, token_hash"
+        )))
+        .bind(recording.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(link_from_row).collect()
+    }
+
+    /// Revoke one link; `false` when no unrevoked link has this hash.
+    pub async fn revoke_link(&self, token_hash: &str, at_ms: i64) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE links SET revoked_at_ms = $1 WHERE token_hash = $2 AND revoked_at_ms IS NULL",
+        )
+        .bind(at_ms)
+        .bind(token_hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    /// Revoke every not yet revoked link of a recording (expired ones included, so the catalog
+    /// says plainly that none may serve again). Returns how many were revoked now.
+    pub async fn revoke_links_of_recording(
+        &self,
+        recording: &RecordingId,
+        at_ms: i64,
+    ) -> Result<u64> {
+        let r = sqlx::query(
+            "UPDATE links SET revoked_at_ms = $1 WHERE recording_id = $2 AND revoked_at_ms IS NULL",
+        )
+        .bind(at_ms)
+        .bind(recording.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+}
+
+#[cfg(test)]
+mod link_tests {
+    use super::*;
+
+    fn link(expires: Option<i64>, revoked: Option<i64>) -> LinkRecord {
+        LinkRecord {
+            token_hash: "00".repeat(32),
+            recording_id: RecordingId::new("r"),
+            object_key: "k".into(),
+            created_at_ms: 0,
+            expires_at_ms: expires,
+            revoked_at_ms: revoked,
+        }
+    }
+
+    #[test]
+    fn a_link_serves_until_it_expires_or_is_revoked() {
+        assert_eq!(link(Some(100), None).check(99), Ok(()));
+        assert_eq!(link(Some(100), None).check(100), Err(LinkRefusal::Expired));
+        assert_eq!(link(None, None).check(i64::MAX), Ok(()));
+        assert_eq!(
+            link(Some(100), Some(50)).check(60),
+            Err(LinkRefusal::Revoked)
+        );
+        assert_eq!(
+            link(Some(100), Some(50)).check(200),
+            Err(LinkRefusal::Revoked)
+        );
+    }
+
+    #[tokio::test]
+    async fn links_round_trip_and_revoke_per_recording() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let cat = Catalog::connect(&url).await.unwrap();
+        cat.ping().await.unwrap();
+        let call = cat
+            .create_call(&RoomId::new("!r:x"), CallFlavour::Import, None, 1)
+            .await
+            .unwrap();
+        let rec = cat.create_recording(&call.id, 1).await.unwrap();
+        let mut a = link(Some(now_ms() + 60_000), None);
+        a.recording_id = rec.id.clone();
+        let mut b = a.clone();
+        b.token_hash = "11".repeat(32);
+        cat.insert_link(&a).await.unwrap();
+        cat.insert_link(&b).await.unwrap();
+        assert!(cat.insert_link(&a).await.is_err(), "duplicate hash");
+        assert_eq!(
+            cat.link_by_token_hash(&a.token_hash).await.unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(cat.link_by_token_hash("nope").await.unwrap(), None);
+        assert!(cat.revoke_link(&b.token_hash, 5).await.unwrap());
+        assert!(
+            !cat.revoke_link(&b.token_hash, 6).await.unwrap(),
+            "already revoked"
+        );
+        assert_eq!(cat.revoke_links_of_recording(&rec.id, 7).await.unwrap(), 1);
+        assert_eq!(cat.revoke_links_of_recording(&rec.id, 8).await.unwrap(), 0);
+        let all = cat.links_of_recording(&rec.id).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().all(|l| l.revoked_at_ms.is_some()));
+        cat.close().await;
+        assert!(
+            cat.ping().await.is_err(),
+            "a closed catalog does not answer"
+        );
+    }
+}

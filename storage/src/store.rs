@@ -490,3 +490,118 @@ mod tests {
         assert_eq!(toml::from_str::<StoreConfig>(&text).unwrap(), c);
     }
 }
+
+// ---- presigning ----
+//
+// `build_store` hands out an `Arc<dyn ObjectStore>`, which has forgotten that the backend can sign
+// URLs. The HTTP side needs that ability to redirect a download to the store instead of streaming
+// it through mxrec, so the same configuration is built a second time here as a `Signer`, with the
+// same prefix wrapping, so a signed key means the same object as a stored one.
+
+/// A URL presigner for the configured store, or `None` for backends that have no URLs of their
+/// own (the local filesystem), whose objects must be served by mxrec itself.
+pub fn build_signer(config: &StoreConfig) -> Result<Option<Arc<dyn object_store::signer::Signer>>> {
+    use object_store::signer::Signer;
+
+    fn prefixed<T: ObjectStore + Signer>(store: T, prefix: &str) -> Arc<dyn Signer> {
+        let prefix = prefix_path(prefix);
+        if prefix.as_ref().is_empty() {
+            Arc::new(store)
+        } else {
+            Arc::new(PrefixStore::new(store, prefix))
+        }
+    }
+
+    let retry = config.retry.to_retry_config();
+    let cfg_err = |e: object_store::Error| Error::Config(e.to_string());
+    Ok(match &config.backend {
+        StoreBackend::Local(_) => None,
+        StoreBackend::S3(s3) => {
+            let mut b = AmazonS3Builder::from_env()
+                .with_retry(retry)
+                .with_virtual_hosted_style_request(s3.virtual_hosted_style)
+                .with_allow_http(s3.allow_http);
+            if let Some(v) = &s3.endpoint {
+                b = b.with_endpoint(v);
+            }
+            if let Some(v) = &s3.region {
+                b = b.with_region(v);
+            }
+            if let Some(v) = &s3.bucket {
+                b = b.with_bucket_name(v);
+            }
+            if let Some(v) = &s3.access_key_id {
+                b = b.with_access_key_id(v);
+            }
+            if let Some(v) = &s3.secret_access_key {
+                b = b.with_secret_access_key(v);
+            }
+            if let Some(v) = &s3.session_token {
+                b = b.with_token(v);
+            }
+            Some(prefixed(b.build().map_err(cfg_err)?, &config.prefix))
+        }
+        StoreBackend::Gcs(gcs) => {
+            let mut b = GoogleCloudStorageBuilder::from_env().with_retry(retry);
+            if let Some(v) = &gcs.bucket {
+                b = b.with_bucket_name(v);
+            }
+            if let Some(v) = &gcs.service_account_path {
+                b = b.with_service_account_path(v.to_string_lossy());
+            }
+            if let Some(v) = &gcs.service_account_key {
+                b = b.with_service_account_key(v);
+            }
+            Some(prefixed(b.build().map_err(cfg_err)?, &config.prefix))
+        }
+        StoreBackend::Azure(az) => {
+            let mut b = MicrosoftAzureBuilder::from_env()
+                .with_retry(retry)
+                .with_allow_http(az.allow_http)
+                .with_use_emulator(az.use_emulator);
+            if let Some(v) = &az.account {
+                b = b.with_account(v);
+            }
+            if let Some(v) = &az.container {
+                b = b.with_container_name(v);
+            }
+            if let Some(v) = &az.access_key {
+                b = b.with_access_key(v);
+            }
+            if let Some(v) = &az.endpoint {
+                b = b.with_endpoint(v.clone());
+            }
+            Some(prefixed(b.build().map_err(cfg_err)?, &config.prefix))
+        }
+    })
+}
+
+#[cfg(test)]
+mod signer_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn s3_signer_applies_the_prefix_and_local_has_none() {
+        assert!(build_signer(&StoreConfig::default()).unwrap().is_none());
+        let cfg: StoreConfig = toml::from_str(
+            "kind = \"s3\"\nendpoint = \"http://127.0.0.1:3900\"\nbucket = \"b\"\nregion = \"garage\"\n\
+             allow_http = true\nprefix = \"p/q\"\naccess_key_id = \"GK1\"\nsecret_access_key = \"s\"\n",
+        )
+        .unwrap();
+        let signer = build_signer(&cfg).unwrap().expect("s3 signs");
+        let url = signer
+            .signed_url(
+                object_store::signer::Method::GET,
+                &ObjectPath::from("rooms/a/x.mp4"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert!(
+            url.as_str()
+                .starts_with("http://127.0.0.1:3900/b/p/q/rooms/a/x.mp4?"),
+            "{url}"
+        );
+        assert!(url.query().unwrap().contains("X-Amz-Expires=60"), "{url}");
+    }
+}

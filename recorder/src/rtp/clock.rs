@@ -1,0 +1,151 @@
+//! RTP timestamps → microseconds on the recording clock.
+//!
+//! Until the sender's first RTCP Sender Report, a track is anchored at the arrival of its first
+//! packet and runs at its clock rate. A Sender Report pairs an RTP timestamp with the sender's
+//! NTP wall clock; all tracks of one sender share that NTP clock, so mapping every track
+//! through its latest SR and one NTP→recording offset per participant ([`ParticipantClock`])
+//! puts a participant's audio and video on the same time line, whatever their arrival skew.
+//!
+//! Output is strictly increasing per track (the segment writer rejects anything else): a
+//! timestamp at or before the previous one — reordering across a re-anchor, a sender clock
+//! step — is clamped to 1 µs after it and counted.
+
+/// A Sender Report's timing pair (RTCP SR, RFC 3550 §6.4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SenderReportTiming {
+    /// NTP timestamp, 32.32 fixed point seconds since 1900.
+    pub ntp_time: u64,
+    pub rtp_time: u32,
+}
+
+impl From<&rtc_rtcp::sender_report::SenderReport> for SenderReportTiming {
+    fn from(sr: &rtc_rtcp::sender_report::SenderReport) -> Self {
+        Self { ntp_time: sr.ntp_time, rtp_time: sr.rtp_time }
+    }
+}
+
+/// NTP 32.32 → microseconds since 1900.
+pub fn ntp_to_us(ntp: u64) -> i64 {
+    let secs = (ntp >> 32) as i64;
+    let frac = ((ntp & 0xffff_ffff) * 1_000_000) >> 32;
+    secs * 1_000_000 + frac as i64
+}
+
+/// `recording_us = ntp_us + offset_us` for every track of one participant (one sender).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NtpOffset(pub i64);
+
+/// Fixes a participant's [`NtpOffset`] from the first Sender Report of any of its tracks: that
+/// report's NTP time is taken to be "now" on the recording clock. Later reports reuse it, so
+/// the participant's tracks stay in step with each other (network delay of that first report
+/// shifts the whole participant a little, never one track against another).
+#[derive(Debug, Clone, Default)]
+pub struct ParticipantClock {
+    offset: Option<NtpOffset>,
+}
+
+impl ParticipantClock {
+    pub fn offset(&mut self, sr: SenderReportTiming, now_us: i64) -> NtpOffset {
+        *self.offset.get_or_insert(NtpOffset(now_us - ntp_to_us(sr.ntp_time)))
+    }
+
+    pub fn known_offset(&self) -> Option<NtpOffset> {
+        self.offset
+    }
+}
+
+/// Maps extended RTP timestamps of one track to the recording clock.
+#[derive(Debug, Clone)]
+pub struct TrackClock {
+    clock_rate: i64,
+    /// (extended RTP timestamp, recording µs) of the first packet.
+    arrival_anchor: Option<(i64, i64)>,
+    /// (recording µs of the SR's NTP time, SR RTP timestamp).
+    sr_anchor: Option<(i64, u32)>,
+    last_us: Option<i64>,
+    clamped: u64,
+}
+
+impl TrackClock {
+    pub fn new(clock_rate: u32) -> Self {
+        Self { clock_rate: clock_rate.max(1) as i64, arrival_anchor: None, sr_anchor: None, last_us: None, clamped: 0 }
+    }
+
+    /// The first packet of the track arrived at `now_us` carrying `ts`.
+    pub fn on_first_packet(&mut self, ts: i64, now_us: i64) {
+        self.arrival_anchor.get_or_insert((ts, now_us));
+    }
+
+    pub fn on_sender_report(&mut self, sr: SenderReportTiming, offset: NtpOffset) {
+        self.sr_anchor = Some((ntp_to_us(sr.ntp_time) + offset.0, sr.rtp_time));
+    }
+
+    fn ticks_to_us(&self, ticks: i64) -> i64 {
+        // Rounded to the nearest µs; i128 keeps hours of ticks exact.
+        let num = ticks as i128 * 1_000_000;
+        let den = self.clock_rate as i128;
+        (if num >= 0 { (num + den / 2) / den } else { (num - den / 2) / den }) as i64
+    }
+
+    /// Where the frame with extended timestamp `ts` sits, before the monotonic clamp.
+    pub fn map(&self, ts: i64) -> Option<i64> {
+        if let Some((sr_us, sr_rtp)) = self.sr_anchor {
+            // SRs come every few seconds, so the distance fits in an i32 of ticks.
+            let ticks = (ts as u32).wrapping_sub(sr_rtp) as i32 as i64;
+            return Some(sr_us + self.ticks_to_us(ticks));
+        }
+        let (anchor_ts, anchor_us) = self.arrival_anchor?;
+        Some(anchor_us + self.ticks_to_us(ts - anchor_ts))
+    }
+
+    /// Maps and applies the monotonic clamp (never below 0).
+    pub fn pts(&mut self, ts: i64) -> i64 {
+        let raw = self.map(ts).unwrap_or(0).max(0);
+        let pts = match self.last_us {
+            Some(last) if raw <= last => {
+                self.clamped += 1;
+                last + 1
+            }
+            _ => raw,
+        };
+        self.last_us = Some(pts);
+        pts
+    }
+
+    pub fn clamped(&self) -> u64 {
+        self.clamped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ntp_conversion() {
+        assert_eq!(ntp_to_us(0x0000_0001_8000_0000), 1_500_000);
+        assert_eq!(ntp_to_us(0xe000_0000_4000_0000), 0xe000_0000i64 * 1_000_000 + 250_000);
+    }
+
+    #[test]
+    fn arrival_anchor_extrapolates_across_timestamp_wrap() {
+        let mut c = TrackClock::new(90_000);
+        let first = u32::MAX as i64 - 8999; // 0.1 s before the wrap
+        c.on_first_packet(first, 5_000_000);
+        assert_eq!(c.pts(first), 5_000_000);
+        assert_eq!(c.pts(first + 9000), 5_100_000); // ts wrapped to 0
+        assert_eq!(c.pts(first + 18_000), 5_200_000);
+        // A backwards step is clamped.
+        assert_eq!(c.pts(first + 9000), 5_200_001);
+        assert_eq!(c.clamped(), 1);
+    }
+
+    #[test]
+    fn sender_report_across_wrap() {
+        let mut c = TrackClock::new(48_000);
+        c.on_first_packet(u32::MAX as i64, 0);
+        let sr = SenderReportTiming { ntp_time: 10 << 32, rtp_time: u32::MAX - 479 }; // 10 ms before the wrap
+        c.on_sender_report(sr, NtpOffset(-9_000_000)); // NTP 10 s ⇒ recording 1 s
+        assert_eq!(c.map(u32::MAX as i64 + 1 + 480), Some(1_020_000)); // 20 ms after the SR
+    }
+}
