@@ -98,6 +98,11 @@ fn import_stores_verified_tracks_composite_and_catalog_in_s3_and_postgres() {
         let catalog = Catalog::connect(&pg).await.unwrap();
         let rec = catalog.get_recording(&recording).await.unwrap().expect("recording in the catalog");
         assert_eq!(rec.state, RecordingState::Uploaded);
+        let call = catalog.get_call(&rec.call_id).await.unwrap().expect("call in the catalog");
+        assert!(call.ended_at_ms.is_some(), "the call's end is recorded");
+        let people = catalog.participants(&recording).await.unwrap();
+        assert_eq!(people.len(), 2);
+        assert!(people.iter().all(|p| p.left_at_ms.is_some()), "everyone's leave is recorded: {people:?}");
         let manifest_key = ObjectPath::parse(rec.manifest_key.as_deref().expect("manifest key")).unwrap();
         let manifest = Manifest::load_object(store.as_ref(), &manifest_key).await.unwrap();
 
@@ -105,6 +110,9 @@ fn import_stores_verified_tracks_composite_and_catalog_in_s3_and_postgres() {
         assert_eq!(manifest.participants.len(), 2);
         let bob = manifest.participants.iter().find(|p| p.user_id == "@bob:example.org").unwrap();
         assert_eq!(bob.present[0].start_us, 2_000_000);
+        // Bob's file ends at 5 s on the call clock: he leaves within a frame of it.
+        let left = bob.present[0].end_us.expect("Bob left");
+        assert!((left - 5_000_000).abs() <= 70_000, "Bob left at {left} µs");
         assert_eq!(bob.display_name.as_deref(), Some("Bob"));
 
         // Four tracks, each segment in the bucket with the manifest's SHA-256, covering the media.
@@ -151,7 +159,9 @@ fn import_stores_verified_tracks_composite_and_catalog_in_s3_and_postgres() {
         // Every upload verified in the catalog; the spool holds no file any more.
         let audit = catalog.audit_events(&recording).await.unwrap();
         assert!(audit.iter().any(|a| a.action == "recording.uploaded"), "{audit:?}");
-        let left = files_under(&d.join("data/spool"));
+        // (The spool's lock file stays: it is how one process owns the spool.)
+        let left: Vec<_> =
+            files_under(&d.join("data/spool")).into_iter().filter(|p| !p.ends_with(".lock")).collect();
         assert!(left.is_empty(), "spool not emptied: {left:?}");
 
         // Re-render from the bucket alone.

@@ -97,12 +97,12 @@ start() {
         echo $! >"$PIDFILE"
     fi
     wait_for 60 garage status
-    if [[ ! -f $STATE/layout.done ]]; then
+    # Ask Garage itself whether a layout is applied (a marker file could outlive the metadata).
+    if garage layout show 2>/dev/null | grep -q "Current cluster layout version: 0"; then
         local node
         node=$(garage node id -q | cut -d@ -f1)
         garage layout assign -z dc1 -c 1G "$node" >/dev/null
         garage layout apply --version 1 >/dev/null
-        touch "$STATE/layout.done"
     fi
     wait_for 60 healthy
     if ! garage key info "$KEY_NAME" >/dev/null 2>&1; then

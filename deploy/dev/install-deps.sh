@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 debs=(ffmpeg libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev
       libswscale-dev libswresample-dev clang libclang-dev pkg-config fonts-dejavu-core
       ca-certificates curl python3 python3-venv)
-[[ "${1:-}" == "--test" ]] && debs+=(postgresql)
+[[ "${1:-}" == "--test" ]] && debs+=(postgresql iproute2)
 
 missing=()
 for p in "${debs[@]}"; do

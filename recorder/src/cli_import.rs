@@ -92,18 +92,33 @@ pub async fn import(env: &Env, room: &str, files: Vec<ParticipantFile>) -> Resul
         .map(|pf| MediaFile::open(&pf.path).map(|f| (pf, f)))
         .collect::<Result<Vec<_>>>()?;
     let mut recording = Recording::start(env, room, storage::manifest::CallFlavour::Import, None).await?;
+    // Whatever goes wrong part-way, what was read is finished and stored, never stranded.
+    let fed = feed(&mut recording, opened).await;
+    let id = recording.id().clone();
+    let finished = recording.finish().await;
+    match fed {
+        Ok(()) => finished,
+        Err(e) => {
+            let stored = if finished.is_ok() { "is stored" } else { "could not be stored either" };
+            Err(e.context(format!("the import stopped part-way; what was read before {stored} as recording {id}")))
+        }
+    }
+}
+
+async fn feed(recording: &mut Recording<'_>, opened: Vec<(ParticipantFile, MediaFile)>) -> Result<()> {
     let mut sources = Vec::new();
     for (pf, file) in opened {
-        recording.participant_joined(
-            ParticipantInfo {
-                id: pf.id.clone(),
-                user_id: pf.id.clone(),
-                device_id: None,
-                display_name: pf.display_name.clone(),
-            },
-            pf.join_offset_us,
-        )
-        .await?;
+        recording
+            .participant_joined(
+                ParticipantInfo {
+                    id: pf.id.clone(),
+                    user_id: pf.id.clone(),
+                    device_id: None,
+                    display_name: pf.display_name.clone(),
+                },
+                pf.join_offset_us,
+            )
+            .await?;
         let mut tracks = Vec::new();
         for s in file.streams() {
             let source = match s.kind {
@@ -145,7 +160,7 @@ pub async fn import(env: &Env, room: &str, files: Vec<ParticipantFile>) -> Resul
             }
         }
     }
-    recording.finish().await
+    Ok(())
 }
 
 #[cfg(test)]

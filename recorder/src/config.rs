@@ -32,7 +32,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Directory for local state: the spool, the SQLite catalog and (by default) local recordings.
+    /// Directory for local state: the spool and the SQLite catalog (when their own keys are unset).
+    /// The local store's directory is `storage.root`.
     pub data_dir: PathBuf,
     pub log: LogConfig,
     pub recording: RecordingConfig,
@@ -333,6 +334,12 @@ mod tests {
     fn example_file_documents_a_valid_config() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mxrec.example.toml");
         let cfg = with_env(&[], || Config::load(Some(&path))).expect("example parses");
+        // The values it shows are the defaults, so the file documents them truthfully.
+        assert_eq!(
+            toml::Value::try_from(&cfg).unwrap(),
+            toml::Value::try_from(Config::default()).unwrap(),
+            "mxrec.example.toml shows a value that is not the default"
+        );
         let problems: Vec<_> =
             cfg.validate().into_iter().filter(|p| p.key != "composite.font_path").collect();
         assert!(problems.is_empty(), "{problems:?}");

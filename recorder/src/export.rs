@@ -198,6 +198,9 @@ pub async fn export(config: &Config, manifest_arg: &str, out: &Path) -> Result<(
     };
     let out_dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(out_dir)?;
+    // Rendered beside the target (same filesystem, so the final rename is atomic) but inside a
+    // directory of its own, so no other file there is touched.
+    let work = tempfile::tempdir_in(out_dir).context("creating a work directory")?;
     let bar = indicatif::ProgressBar::new(1000);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{spinner} rendering [{bar:40}] {percent:>3}% eta {eta}")
@@ -210,14 +213,11 @@ pub async fn export(config: &Config, manifest_arg: &str, out: &Path) -> Result<(
         &config.composite,
         &manifest,
         &BTreeMap::new(),
-        out_dir,
+        work.path(),
         Box::new(move |f| b2.set_position((f.clamp(0.0, 1.0) * 1000.0) as u64)),
     )
     .await?;
     bar.finish_and_clear();
-    if rendered.path != out {
-        std::fs::rename(&rendered.path, out)
-            .with_context(|| format!("moving the composite to {}", out.display()))?;
-    }
+    std::fs::rename(&rendered.path, out).with_context(|| format!("moving the composite to {}", out.display()))?;
     Ok(())
 }

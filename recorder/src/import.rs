@@ -33,7 +33,10 @@ pub struct MediaFile {
     input: ffmpeg::format::context::Input,
     streams: Vec<InputStream>,
     h264: std::collections::HashMap<usize, AvcConfig>,
-    first_pts_us: Option<i64>,
+    /// The file's time origin: the earliest stream start, so no stream gets negative times.
+    origin_us: Option<i64>,
+    /// Packets that could not be turned into a frame (skipped, counted, logged).
+    pub bad_packets: u64,
 }
 
 fn codec_of(id: ffmpeg::codec::Id) -> Option<Codec> {
@@ -84,7 +87,12 @@ impl MediaFile {
         if streams.is_empty() {
             bail!("{} has no audio or video stream", path.display());
         }
-        Ok(Self { input, streams, h264, first_pts_us: None })
+        let origin_us = input
+            .streams()
+            .filter(|s| s.start_time() != ffmpeg::ffi::AV_NOPTS_VALUE)
+            .filter_map(|s| to_us(s.start_time(), s.time_base()))
+            .min();
+        Ok(Self { input, streams, h264, origin_us, bad_packets: 0 })
     }
 
     pub fn streams(&self) -> &[InputStream] {
@@ -103,21 +111,47 @@ impl MediaFile {
             let idx = packet.stream();
             let Some(stream) = self.input.stream(idx) else { continue };
             let Some(ts) = packet.pts().or(packet.dts()) else { continue };
-            let tb = stream.time_base();
-            let pts_us = ts * 1_000_000 * i64::from(tb.numerator()) / i64::from(tb.denominator());
-            let first = *self.first_pts_us.get_or_insert(pts_us);
+            let Some(pts_us) = to_us(ts, stream.time_base()) else {
+                self.bad_packet(idx, "a timestamp out of range");
+                continue;
+            };
+            let origin = *self.origin_us.get_or_insert(pts_us);
             let Some(raw) = packet.data() else { continue };
             let keyframe = packet.is_key();
             let data = match self.h264.get(&idx) {
-                Some(cfg) => Bytes::from(cfg.to_annex_b(raw, keyframe)?),
+                Some(cfg) => match cfg.to_annex_b(raw, keyframe) {
+                    Ok(d) => Bytes::from(d),
+                    Err(e) => {
+                        self.bad_packet(idx, &e.to_string());
+                        continue;
+                    }
+                },
                 None => Bytes::copy_from_slice(raw),
             };
             return Ok(Some(InputFrame {
                 stream: idx,
-                frame: EncodedFrame { data, pts_us: pts_us - first, keyframe },
+                frame: EncodedFrame { data, pts_us: (pts_us - origin).max(0), keyframe },
             }));
         }
     }
+}
+
+impl MediaFile {
+    fn bad_packet(&mut self, stream: usize, why: &str) {
+        self.bad_packets += 1;
+        if self.bad_packets <= 5 || self.bad_packets.is_power_of_two() {
+            tracing::warn!(stream, bad_packets = self.bad_packets, "skipping a packet with {why}");
+        }
+    }
+}
+
+/// A timestamp in `tb` units as µs, or None when it does not fit (a crafted file).
+fn to_us(ts: i64, tb: ffmpeg::Rational) -> Option<i64> {
+    let den = i128::from(tb.denominator());
+    if den == 0 {
+        return None;
+    }
+    i64::try_from(i128::from(ts) * 1_000_000 * i128::from(tb.numerator()) / den).ok()
 }
 
 /// The parts of an `avcC` record needed to rebuild Annex B access units.
@@ -204,6 +238,14 @@ mod tests {
         );
         let out = cfg.to_annex_b(&pkt, false).unwrap();
         assert_eq!(out, [0, 0, 0, 1, 0x65, 1, 2, 0, 0, 0, 1, 0x06]);
+    }
+
+    #[test]
+    fn timestamps_convert_without_overflow() {
+        let tb = ffmpeg::Rational::new(1, 90_000);
+        assert_eq!(to_us(90_000, tb), Some(1_000_000));
+        assert_eq!(to_us(i64::MAX, ffmpeg::Rational::new(1, 1)), None);
+        assert_eq!(to_us(5, ffmpeg::Rational::new(1, 0)), None);
     }
 
     #[test]

@@ -156,10 +156,11 @@ async fn run(command: Command, config: Config) -> Result<()> {
             Ok(())
         }
         Command::Recordings { room, limit } => {
-            let env = recorder::pipeline::Env::open(&config).await?;
+            // Only the catalog: listing must not start uploads or take the spool.
+            let catalog = storage::Catalog::connect(&config.catalog_url()).await?;
             let rows = match room {
-                Some(room) => env.catalog.recent_recordings(&storage::RoomId::new(room), limit).await?,
-                None => env.catalog.all_recent_recordings(limit).await?,
+                Some(room) => catalog.recent_recordings(&storage::RoomId::new(room), limit).await?,
+                None => catalog.all_recent_recordings(limit).await?,
             };
             for r in rows {
                 println!(
@@ -171,7 +172,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
                     r.manifest_key.as_deref().unwrap_or("-")
                 );
             }
-            env.shutdown().await;
+            catalog.close().await;
             Ok(())
         }
         Command::Links { command } => links(command, &config).await,

@@ -39,6 +39,7 @@ pub struct Env {
     pub catalog: Catalog,
     pub spool: Spool,
     uploads: Option<UploadQueue>,
+    _spool_lock: storage::SpoolLock,
 }
 
 impl Env {
@@ -54,6 +55,7 @@ impl Env {
             .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
         let store = build_store(&config.storage).context("opening the object store")?;
         let spool = Spool::open(config.spool_dir()).await.context("opening the spool")?;
+        let spool_lock = spool.lock_exclusive()?;
         let catalog = Catalog::connect(&config.catalog_url())
             .await
             .with_context(|| format!("opening the catalog at {}", redact_url(&config.catalog_url())))?;
@@ -63,7 +65,7 @@ impl Env {
         if resumed > 0 {
             info!(resumed, "queued uploads left in the spool by a previous run");
         }
-        Ok(Self { config: config.clone(), store, catalog, spool, uploads: Some(uploads) })
+        Ok(Self { config: config.clone(), store, catalog, spool, uploads: Some(uploads), _spool_lock: spool_lock })
     }
 
     fn uploads(&self) -> &UploadQueue {
@@ -160,6 +162,7 @@ pub struct Finished {
 pub struct Recording<'e> {
     env: &'e Env,
     id: RecordingId,
+    call_id: storage::CallId,
     keys: ObjectKeys,
     epoch_ms: i64,
     dir: PathBuf,
@@ -211,6 +214,7 @@ impl<'e> Recording<'e> {
         Ok(Self {
             env,
             id: rec.id,
+            call_id: call.id.clone(),
             keys,
             epoch_ms,
             dir,
@@ -367,39 +371,56 @@ impl<'e> Recording<'e> {
     pub async fn finish(mut self) -> Result<Finished> {
         let span = self.span.clone();
         async move {
+            // Close every track even when one fails: a failure on one must not strand the others'
+            // open segments. What could not be closed is logged and audited; the rest is stored.
+            let mut close_errors = Vec::new();
             let ids: Vec<String> = self.tracks.keys().cloned().collect();
             for id in &ids {
-                let writer = self.tracks.get_mut(id).and_then(|t| t.writer.take());
-                if let Some(w) = writer {
-                    let closed = w.finish().with_context(|| format!("closing track {id}"))?;
-                    self.segments_closed(id, closed).await?;
+                let Some(w) = self.tracks.get_mut(id).and_then(|t| t.writer.take()) else { continue };
+                let closed = match w.finish() {
+                    Ok(closed) => closed,
+                    Err(e) => {
+                        close_errors.push(format!("closing track {id}: {e}"));
+                        continue;
+                    }
+                };
+                if let Err(e) = self.segments_closed(id, closed).await {
+                    close_errors.push(format!("queueing the last segments of track {id}: {e:#}"));
                 }
             }
-            let end_us = self.last_us;
-            let present: Vec<String> =
-                self.participants.keys().filter(|p| self.timeline.is_present(p)).cloned().collect();
-            for p in present {
-                self.participant_left(&p, end_us).await?;
+            for e in &close_errors {
+                warn!(error = %e, "a track could not be closed cleanly; the others are stored");
             }
-            let ended_ms = self.epoch_ms + end_us / 1000;
-            self.env.catalog.set_recording_ended(&self.id, ended_ms).await?;
-            self.env.catalog.set_recording_state(&self.id, RecordingState::Finalizing, None).await?;
-            match self.finalize(end_us).await {
-                Ok(done) => Ok(done),
-                Err(e) => {
-                    let reason = format!("{e:#}");
-                    warn!(error = %reason, "finalize failed; spooled files are kept for a retry");
-                    let _ = self
-                        .env
-                        .catalog
-                        .set_recording_state(&self.id, RecordingState::Failed, Some(&reason))
-                        .await;
-                    Err(e)
-                }
+            let result = self.end_and_finalize(&close_errors).await;
+            if let Err(e) = &result {
+                let reason = format!("{e:#}");
+                warn!(error = %reason, "finalize failed; spooled files are kept for a retry");
+                let _ = self.env.catalog.set_recording_state(&self.id, RecordingState::Failed, Some(&reason)).await;
             }
+            result
         }
         .instrument(span)
         .await
+    }
+
+    async fn end_and_finalize(&mut self, close_errors: &[String]) -> Result<Finished> {
+        let end_us = self.last_us;
+        let present: Vec<String> =
+            self.participants.keys().filter(|p| self.timeline.is_present(p)).cloned().collect();
+        for p in present {
+            self.participant_left(&p, end_us).await?;
+        }
+        let ended_ms = self.epoch_ms + end_us / 1000;
+        self.env.catalog.set_recording_ended(&self.id, ended_ms).await?;
+        self.env.catalog.end_call(&self.call_id, ended_ms).await?;
+        if !close_errors.is_empty() {
+            self.env
+                .catalog
+                .audit("mxrec", "recording.track_close_failed", Some(&self.id), serde_json::json!({ "errors": close_errors }))
+                .await?;
+        }
+        self.env.catalog.set_recording_state(&self.id, RecordingState::Finalizing, None).await?;
+        self.finalize(end_us).await
     }
 
     /// Waits for one queued upload and records its outcome in the catalog's uploads table.

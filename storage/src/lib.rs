@@ -22,7 +22,7 @@ pub use catalog::{Catalog, RecordingState};
 pub use error::{Error, Result};
 pub use ids::*;
 pub use manifest::Manifest;
-pub use spool::{PendingUpload, Spool};
+pub use spool::{PendingUpload, Spool, SpoolLock};
 pub use store::{build_store, key_component, ObjectKeys, StoreBackend, StoreConfig};
 pub use uploader::{UploadQueue, UploadReport, Uploader, UploaderConfig};
 

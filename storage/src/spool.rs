@@ -58,7 +58,34 @@ pub struct Spool {
     root: PathBuf,
 }
 
+/// Exclusive ownership of a spool by one process, held while the guard lives. Two processes
+/// uploading from one spool would race on its files (one deletes what the other still sends).
+#[derive(Debug)]
+pub struct SpoolLock {
+    _file: std::fs::File,
+}
+
 impl Spool {
+    /// Takes the spool for this process, or fails at once naming the spool when another process
+    /// holds it. The lock is released when the guard is dropped or the process dies.
+    pub fn lock_exclusive(&self) -> Result<SpoolLock> {
+        let path = self.root.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(SpoolLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::Config(format!(
+                "the spool `{}` is in use by another mxrec process; give each process its own spool_dir",
+                self.root.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
+
     /// Open (and create) the spool directory.
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
@@ -216,6 +243,20 @@ fn find_sidecars(root: &Path) -> Result<Vec<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn one_process_owns_a_spool_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).await.unwrap();
+        let held = spool.lock_exclusive().unwrap();
+        // A second owner (another process in real life; flock-style locks also conflict between
+        // two open file descriptions in one process) is refused with a message naming the spool.
+        let err = spool.lock_exclusive().unwrap_err().to_string();
+        assert!(err.contains("in use by another mxrec process"), "{err}");
+        drop(held);
+        spool.lock_exclusive().expect("free again once the owner is gone");
+        assert!(spool.scan().await.unwrap().is_empty(), "the lock file is not an upload");
+    }
 
     #[tokio::test]
     async fn pending_files_survive_a_restart_and_complete_cleans_up() {

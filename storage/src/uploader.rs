@@ -80,13 +80,13 @@ impl UploaderConfig {
     pub fn validate(&self) -> Result<()> {
         if self.part_size < MIN_PART_SIZE {
             return Err(Error::Config(format!(
-                "uploader.part_size is {} bytes; S3 needs at least {MIN_PART_SIZE}",
+                "upload.part_size is {} bytes; S3 needs at least {MIN_PART_SIZE}",
                 self.part_size
             )));
         }
         if self.max_attempts == 0 || self.part_concurrency == 0 || self.upload_concurrency == 0 {
             return Err(Error::Config(
-                "uploader.max_attempts, part_concurrency and upload_concurrency must be at least 1"
+                "upload.max_attempts, part_concurrency and upload_concurrency must be at least 1"
                     .into(),
             ));
         }

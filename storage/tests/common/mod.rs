@@ -29,6 +29,9 @@ pub fn init_tracing() {
 
 pub fn skip(what: &str, var: &str) {
     use std::io::Write;
+    if std::env::var_os("MXREC_REQUIRE_TEST_SERVERS").is_some() {
+        panic!("{what} needs {var}; MXREC_REQUIRE_TEST_SERVERS forbids skipping");
+    }
     // Straight to the stderr handle: libtest captures eprintln! of passing tests, and a skip
     // must be seen.
     let bar = "!".repeat(78);
