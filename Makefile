@@ -9,6 +9,7 @@ deps:
 
 test-deps:
 	bash deploy/dev/install-deps.sh --test
+	bash deploy/dev/pyenv.sh >/dev/null
 
 build: deps
 	$(CARGO) build --workspace --all-targets

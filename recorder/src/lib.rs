@@ -14,6 +14,7 @@ pub mod export;
 pub mod http;
 pub mod import;
 pub mod logging;
+pub mod peer;
 pub mod pipeline;
 pub mod timeline;
 pub mod voip1;

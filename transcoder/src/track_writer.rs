@@ -94,6 +94,9 @@ struct OpenSegment {
     frames: u64,
     size: Option<(u32, u32)>,
     extradata: Vec<u8>,
+    /// Last timestamp written, in the file's millisecond units: two frames less than a
+    /// millisecond apart (distinct in µs) must still reach the muxer strictly increasing.
+    last_ms: Option<i64>,
 }
 
 struct Pending {
@@ -380,9 +383,13 @@ impl TrackWriter {
         keyframe: bool,
     ) -> Result<(), TranscodeError> {
         let seg = self.open.as_mut().expect("put without an open segment");
-        let pts_ms = pts_us.div_euclid(1000);
-        let end_ms = (pts_us + duration_us).div_euclid(1000);
+        let pts_ms = match seg.last_ms {
+            Some(last) => pts_us.div_euclid(1000).max(last + 1),
+            None => pts_us.div_euclid(1000),
+        };
+        let end_ms = (pts_us + duration_us).div_euclid(1000).max(pts_ms);
         seg.mux.write(data, pts_ms, end_ms - pts_ms, keyframe)?;
+        seg.last_ms = Some(pts_ms);
         seg.frames += 1;
         seg.end_us = pts_us + duration_us;
         self.stats.frames_written += 1;
@@ -430,6 +437,7 @@ impl TrackWriter {
             frames: 0,
             size,
             extradata,
+            last_ms: None,
         });
         Ok(())
     }

@@ -480,3 +480,28 @@ fn drop_closes_the_open_segment() {
     assert!(seg.exists(), "dropped writer closed its segment");
     assert!(decode_errors(&seg).is_empty());
 }
+
+/// The receive path may hand over two frames less than a millisecond apart (a clock re-anchored
+/// by an RTCP sender report clamps to +1 µs). Matroska stores milliseconds, so the writer must
+/// still give the muxer strictly increasing times instead of failing the segment.
+#[test]
+fn frames_within_one_millisecond_are_written_in_order() {
+    let tmpdir = tmp();
+    let dir = tmpdir.path().to_path_buf();
+    let pkts = packets(&fixture(&dir, Codec::Opus));
+    let mut writer = TrackWriter::new(config(&dir, Codec::Opus)).unwrap();
+    let mut segs = Vec::new();
+    let mut pts = OFFSET_US;
+    for (i, p) in pkts.iter().take(60).enumerate() {
+        // Frames 10..=12 are bunched 1 µs apart, as after a backwards clock step.
+        pts += if (11..=12).contains(&i) { 1 } else { 20_000 };
+        let f = EncodedFrame { data: p.data.clone().into(), pts_us: pts, keyframe: true };
+        segs.extend(writer.write(f).expect("a bunched frame is accepted"));
+    }
+    segs.extend(writer.finish().unwrap());
+    assert_eq!(segs.iter().map(|s| s.frames).sum::<u64>(), 60, "no frame lost");
+    for s in &segs {
+        let errs = decode_errors(&s.path);
+        assert!(errs.trim().is_empty(), "{}: {errs}", s.path.display());
+    }
+}
