@@ -277,9 +277,19 @@ impl Config {
         if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             bad("catalog.url", format!("`{url}` is neither sqlite://… nor postgres://…"));
         }
-        // Building a store checks its settings without touching the network.
-        if let Err(e) = storage::build_store(&self.storage) {
-            bad("storage", e.to_string());
+        // Building a remote store checks its settings without touching the network. A local
+        // store is not built here: that would create its directory, and validating must have no
+        // side effects (the directory is created when mxrec starts recording).
+        match &self.storage.backend {
+            storage::StoreBackend::Local(l) if l.root.as_os_str().is_empty() => {
+                bad("storage.root", "is empty; give the directory for local recordings".into())
+            }
+            storage::StoreBackend::Local(_) => {}
+            _ => {
+                if let Err(e) = storage::build_store(&self.storage) {
+                    bad("storage", e.to_string());
+                }
+            }
         }
         if let Err(e) = self.upload.validate() {
             bad("upload", e.to_string());
