@@ -189,6 +189,68 @@ impl RetrySettings {
     }
 }
 
+/// The S3 client builder for `s3`: `from_env` first, so the usual AWS_* variables fill whatever
+/// the config leaves unset. Shared by the store and the URL signer so both talk to one bucket.
+fn s3_builder(s3: &S3StoreConfig, retry: RetryConfig) -> AmazonS3Builder {
+    let mut b = AmazonS3Builder::from_env()
+        .with_retry(retry)
+        .with_virtual_hosted_style_request(s3.virtual_hosted_style)
+        .with_allow_http(s3.allow_http);
+    if let Some(v) = &s3.endpoint {
+        b = b.with_endpoint(v);
+    }
+    if let Some(v) = &s3.region {
+        b = b.with_region(v);
+    }
+    if let Some(v) = &s3.bucket {
+        b = b.with_bucket_name(v);
+    }
+    if let Some(v) = &s3.access_key_id {
+        b = b.with_access_key_id(v);
+    }
+    if let Some(v) = &s3.secret_access_key {
+        b = b.with_secret_access_key(v);
+    }
+    if let Some(v) = &s3.session_token {
+        b = b.with_token(v);
+    }
+    b
+}
+
+fn gcs_builder(gcs: &GcsStoreConfig, retry: RetryConfig) -> GoogleCloudStorageBuilder {
+    let mut b = GoogleCloudStorageBuilder::from_env().with_retry(retry);
+    if let Some(v) = &gcs.bucket {
+        b = b.with_bucket_name(v);
+    }
+    if let Some(v) = &gcs.service_account_path {
+        b = b.with_service_account_path(v.to_string_lossy());
+    }
+    if let Some(v) = &gcs.service_account_key {
+        b = b.with_service_account_key(v);
+    }
+    b
+}
+
+fn azure_builder(az: &AzureStoreConfig, retry: RetryConfig) -> MicrosoftAzureBuilder {
+    let mut b = MicrosoftAzureBuilder::from_env()
+        .with_retry(retry)
+        .with_allow_http(az.allow_http)
+        .with_use_emulator(az.use_emulator);
+    if let Some(v) = &az.account {
+        b = b.with_account(v);
+    }
+    if let Some(v) = &az.container {
+        b = b.with_container_name(v);
+    }
+    if let Some(v) = &az.access_key {
+        b = b.with_access_key(v);
+    }
+    if let Some(v) = &az.endpoint {
+        b = b.with_endpoint(v.clone());
+    }
+    b
+}
+
 /// Build the configured store, with the prefix applied.
 pub fn build_store(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>> {
     let retry = config.retry.to_retry_config();
@@ -199,61 +261,15 @@ pub fn build_store(config: &StoreConfig) -> Result<Arc<dyn ObjectStore>> {
             Arc::new(LocalFileSystem::new_with_prefix(&local.root).map_err(cfg_err)?)
         }
         StoreBackend::S3(s3) => {
-            // from_env first so the usual AWS_* variables fill whatever the config leaves unset.
-            let mut b = AmazonS3Builder::from_env()
-                .with_retry(retry)
-                .with_virtual_hosted_style_request(s3.virtual_hosted_style)
-                .with_allow_http(s3.allow_http);
-            if let Some(v) = &s3.endpoint {
-                b = b.with_endpoint(v);
-            }
-            if let Some(v) = &s3.region {
-                b = b.with_region(v);
-            }
-            if let Some(v) = &s3.bucket {
-                b = b.with_bucket_name(v);
-            }
-            if let Some(v) = &s3.access_key_id {
-                b = b.with_access_key_id(v);
-            }
-            if let Some(v) = &s3.secret_access_key {
-                b = b.with_secret_access_key(v);
-            }
-            if let Some(v) = &s3.session_token {
-                b = b.with_token(v);
-            }
+            let b = s3_builder(s3, retry);
             Arc::new(b.build().map_err(cfg_err)?)
         }
         StoreBackend::Gcs(gcs) => {
-            let mut b = GoogleCloudStorageBuilder::from_env().with_retry(retry);
-            if let Some(v) = &gcs.bucket {
-                b = b.with_bucket_name(v);
-            }
-            if let Some(v) = &gcs.service_account_path {
-                b = b.with_service_account_path(v.to_string_lossy());
-            }
-            if let Some(v) = &gcs.service_account_key {
-                b = b.with_service_account_key(v);
-            }
+            let b = gcs_builder(gcs, retry);
             Arc::new(b.build().map_err(cfg_err)?)
         }
         StoreBackend::Azure(az) => {
-            let mut b = MicrosoftAzureBuilder::from_env()
-                .with_retry(retry)
-                .with_allow_http(az.allow_http)
-                .with_use_emulator(az.use_emulator);
-            if let Some(v) = &az.account {
-                b = b.with_account(v);
-            }
-            if let Some(v) = &az.container {
-                b = b.with_container_name(v);
-            }
-            if let Some(v) = &az.access_key {
-                b = b.with_access_key(v);
-            }
-            if let Some(v) = &az.endpoint {
-                b = b.with_endpoint(v.clone());
-            }
+            let b = azure_builder(az, retry);
             Arc::new(b.build().map_err(cfg_err)?)
         }
     };
@@ -517,60 +533,15 @@ pub fn build_signer(config: &StoreConfig) -> Result<Option<Arc<dyn object_store:
     Ok(match &config.backend {
         StoreBackend::Local(_) => None,
         StoreBackend::S3(s3) => {
-            let mut b = AmazonS3Builder::from_env()
-                .with_retry(retry)
-                .with_virtual_hosted_style_request(s3.virtual_hosted_style)
-                .with_allow_http(s3.allow_http);
-            if let Some(v) = &s3.endpoint {
-                b = b.with_endpoint(v);
-            }
-            if let Some(v) = &s3.region {
-                b = b.with_region(v);
-            }
-            if let Some(v) = &s3.bucket {
-                b = b.with_bucket_name(v);
-            }
-            if let Some(v) = &s3.access_key_id {
-                b = b.with_access_key_id(v);
-            }
-            if let Some(v) = &s3.secret_access_key {
-                b = b.with_secret_access_key(v);
-            }
-            if let Some(v) = &s3.session_token {
-                b = b.with_token(v);
-            }
+            let b = s3_builder(s3, retry);
             Some(prefixed(b.build().map_err(cfg_err)?, &config.prefix))
         }
         StoreBackend::Gcs(gcs) => {
-            let mut b = GoogleCloudStorageBuilder::from_env().with_retry(retry);
-            if let Some(v) = &gcs.bucket {
-                b = b.with_bucket_name(v);
-            }
-            if let Some(v) = &gcs.service_account_path {
-                b = b.with_service_account_path(v.to_string_lossy());
-            }
-            if let Some(v) = &gcs.service_account_key {
-                b = b.with_service_account_key(v);
-            }
+            let b = gcs_builder(gcs, retry);
             Some(prefixed(b.build().map_err(cfg_err)?, &config.prefix))
         }
         StoreBackend::Azure(az) => {
-            let mut b = MicrosoftAzureBuilder::from_env()
-                .with_retry(retry)
-                .with_allow_http(az.allow_http)
-                .with_use_emulator(az.use_emulator);
-            if let Some(v) = &az.account {
-                b = b.with_account(v);
-            }
-            if let Some(v) = &az.container {
-                b = b.with_container_name(v);
-            }
-            if let Some(v) = &az.access_key {
-                b = b.with_access_key(v);
-            }
-            if let Some(v) = &az.endpoint {
-                b = b.with_endpoint(v.clone());
-            }
+            let b = azure_builder(az, retry);
             Some(prefixed(b.build().map_err(cfg_err)?, &config.prefix))
         }
     })
