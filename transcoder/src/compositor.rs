@@ -891,6 +891,50 @@ unsafe fn parse_linked(
     Ok(())
 }
 
+/// Pulls every frame the sink `label` has ready and hands it to `take`. Returns whether any frame
+/// came and whether the sink reached its end.
+fn drain_sink(
+    graph: &mut ff::filter::Graph,
+    label: &str,
+    what: &str,
+    take: &mut dyn FnMut(ff::Frame, ff::Rational) -> Result<(), TranscodeError>,
+) -> Result<(bool, bool), TranscodeError> {
+    let mut sink = graph.get(label).expect("the graph has its output sinks");
+    let tb = sink.sink().time_base();
+    let mut progressed = false;
+    loop {
+        let mut f = unsafe { ff::Frame::empty() };
+        match sink.sink().frame(&mut f) {
+            Ok(()) => {
+                progressed = true;
+                take(f, tb)?;
+            }
+            Err(ff::Error::Eof) => return Ok((progressed, true)),
+            Err(e) if is_eagain(&e) => return Ok((progressed, false)),
+            Err(e) => {
+                return Err(TranscodeError::Ffmpeg { context: format!("pulling composite {what}"), source: e })
+            }
+        }
+    }
+}
+
+/// Reports the share of the output done, in steps of at least 1 %.
+fn report_progress(
+    f: &ff::Frame,
+    tb: ff::Rational,
+    spec: &CompositeSpec,
+    last: &mut f64,
+    progress: &mut dyn FnMut(f64),
+) {
+    if let Some(p) = f.pts() {
+        let frac = (p.rescale(tb, ff::Rational::new(1, 1_000_000)) as f64 / spec.duration_us as f64).clamp(0.0, 1.0);
+        if frac - *last >= 0.01 {
+            *last = frac;
+            progress(frac);
+        }
+    }
+}
+
 fn is_eagain(e: &ff::Error) -> bool {
     matches!(e, ff::Error::Other { errno } if *errno == ffi::EAGAIN)
 }
@@ -1225,72 +1269,23 @@ pub fn render(
 
         let mut progressed = false;
         if !v_eof {
-            let mut sink = g.graph.get("vout").unwrap();
-            let tb = sink.sink().time_base();
-            loop {
-                let mut f = unsafe { ff::Frame::empty() };
-                match sink.sink().frame(&mut f) {
-                    Ok(()) => {
-                        progressed = true;
-                        if let Some(p) = f.pts() {
-                            let frac = (p.rescale(tb, ff::Rational::new(1, 1_000_000)) as f64
-                                / spec.duration_us as f64)
-                                .clamp(0.0, 1.0);
-                            if frac - last_progress >= 0.01 {
-                                last_progress = frac;
-                                progress(frac);
-                            }
-                        }
-                        output.video_frame(f, tb)?;
-                    }
-                    Err(ff::Error::Eof) => {
-                        v_eof = true;
-                        break;
-                    }
-                    Err(e) if is_eagain(&e) => break,
-                    Err(e) => {
-                        return Err(TranscodeError::Ffmpeg {
-                            context: "pulling composite video".into(),
-                            source: e,
-                        })
-                    }
-                }
-            }
+            let (got, eof) = drain_sink(&mut g.graph, "vout", "video", &mut |f, tb| {
+                report_progress(&f, tb, spec, &mut last_progress, progress);
+                output.video_frame(f, tb)
+            })?;
+            progressed |= got;
+            v_eof = eof;
         }
         if !a_eof {
-            let mut sink = g.graph.get("aout").unwrap();
-            let tb = sink.sink().time_base();
-            loop {
-                let mut f = unsafe { ff::Frame::empty() };
-                match sink.sink().frame(&mut f) {
-                    Ok(()) => {
-                        progressed = true;
-                        if !plan.has_video {
-                            if let Some(p) = f.pts() {
-                                let frac = (p.rescale(tb, ff::Rational::new(1, 1_000_000)) as f64
-                                    / spec.duration_us as f64)
-                                    .clamp(0.0, 1.0);
-                                if frac - last_progress >= 0.01 {
-                                    last_progress = frac;
-                                    progress(frac);
-                                }
-                            }
-                        }
-                        output.audio_frame(f, tb)?;
-                    }
-                    Err(ff::Error::Eof) => {
-                        a_eof = true;
-                        break;
-                    }
-                    Err(e) if is_eagain(&e) => break,
-                    Err(e) => {
-                        return Err(TranscodeError::Ffmpeg {
-                            context: "pulling composite audio".into(),
-                            source: e,
-                        })
-                    }
+            let (got, eof) = drain_sink(&mut g.graph, "aout", "audio", &mut |f, tb| {
+                // Video drives the progress bar when there is any.
+                if !plan.has_video {
+                    report_progress(&f, tb, spec, &mut last_progress, progress);
                 }
-            }
+                output.audio_frame(f, tb)
+            })?;
+            progressed |= got;
+            a_eof = eof;
         }
         if v_eof && a_eof {
             break;
