@@ -33,6 +33,18 @@ pub enum TranscodeError {
         #[source]
         source: std::io::Error,
     },
+    /// A segment given to [`crate::join_segments`] is missing, not Matroska/WebM, incomplete or
+    /// unreadable.
+    #[error("segment {path} cannot be joined: {reason}; no joined file was written")]
+    BadSegment { path: PathBuf, reason: String },
+    /// A segment's stream parameters differ from the first segment's, which one codec-copied
+    /// file cannot carry; the track's segments have to be offered as they are.
+    #[error("segment {index} ({path}) changes the stream's {change}; the track cannot be joined into one file, keep its segments")]
+    ParametersChanged {
+        index: usize,
+        path: PathBuf,
+        change: String,
+    },
     #[error("invalid composite spec: {0}")]
     InvalidSpec(String),
     #[error("{0}")]

@@ -1,15 +1,17 @@
 //! The media layer of mxrec: it turns encoded frames on a recording's common clock into
 //! codec-copy Matroska/WebM segments ([`TrackWriter`]), and turns all the segments of a
 //! recording plus its timeline (who was present, muted, paused) into one composed MP4 or M4A
-//! ([`render`]). It takes frames, paths and intervals and gives files and their metadata; it
-//! knows nothing of Matrix, WebRTC signalling or object storage, so everything upstream of
-//! "frames on a wall clock" and downstream of "files on disk" lives in other crates.
+//! ([`render`]), or one track's segments into one file ([`join_segments`]). It takes frames,
+//! paths and intervals and gives files and their metadata; it knows nothing of Matrix, WebRTC
+//! signalling or object storage, so everything upstream of "frames on a wall clock" and
+//! downstream of "files on disk" lives in other crates.
 
 mod bitstream;
 mod codec;
 mod compositor;
 mod error;
 mod ff;
+mod join;
 mod layout;
 mod mux;
 mod track_writer;
@@ -20,6 +22,7 @@ pub use compositor::{
     Interval, TrackSource,
 };
 pub use error::TranscodeError;
+pub use join::{join_segments, JoinReport};
 pub use layout::{layout, Rect, Tile, TileKind};
 pub use track_writer::{
     EncodedFrame, SegmentInfo, TrackWriter, TrackWriterConfig, TrackWriterStats,

@@ -39,16 +39,64 @@ fn ff_err(context: String, code: i32) -> TranscodeError {
     }
 }
 
+/// Where a file is written until it is complete: `<path>.partial`.
+pub(crate) fn partial_path(path: &Path) -> PathBuf {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    PathBuf::from(partial)
+}
+
 impl SegmentMuxer {
     pub fn create(path: &Path, params: &StreamParams) -> Result<Self, TranscodeError> {
+        Self::create_with(path, params.codec.muxer_name(), |par| unsafe {
+            (*par).codec_id = params.codec.ff_id();
+            match params.codec.kind() {
+                crate::MediaKind::Audio => {
+                    (*par).codec_type = ffi::AVMediaType::AVMEDIA_TYPE_AUDIO;
+                    (*par).sample_rate = params.sample_rate as i32;
+                    ffi::av_channel_layout_default(&mut (*par).ch_layout, params.channels as i32);
+                }
+                crate::MediaKind::Video => {
+                    (*par).codec_type = ffi::AVMediaType::AVMEDIA_TYPE_VIDEO;
+                    (*par).width = params.width as i32;
+                    (*par).height = params.height as i32;
+                }
+            }
+            set_extradata(par, &params.extradata);
+            Ok(())
+        })
+    }
+
+    /// A muxer whose stream takes every codec parameter of a demuxed stream, for copying that
+    /// stream's packets as they are (`muxer` is `webm` or `matroska`).
+    pub fn create_copy(
+        path: &Path,
+        muxer: &str,
+        src: &ffmpeg_next::codec::Parameters,
+    ) -> Result<Self, TranscodeError> {
+        Self::create_with(path, muxer, |par| unsafe {
+            let r = ffi::avcodec_parameters_copy(par, src.as_ptr());
+            if r < 0 {
+                return Err(ff_err("copying stream parameters".into(), r));
+            }
+            // The demuxer's tag belongs to the source container; the muxer picks its own.
+            (*par).codec_tag = 0;
+            Ok(())
+        })
+    }
+
+    fn create_with(
+        path: &Path,
+        muxer: &str,
+        fill: impl FnOnce(*mut ffi::AVCodecParameters) -> Result<(), TranscodeError>,
+    ) -> Result<Self, TranscodeError> {
         crate::init();
-        let mut partial = path.as_os_str().to_owned();
-        partial.push(".partial");
-        let partial = PathBuf::from(partial);
+        let partial = partial_path(path);
         let c_path = CString::new(partial.to_string_lossy().as_bytes()).map_err(|_| {
             TranscodeError::Unsupported(format!("path with NUL: {}", path.display()))
         })?;
-        let c_fmt = CString::new(params.codec.muxer_name()).unwrap();
+        let c_fmt = CString::new(muxer)
+            .map_err(|_| TranscodeError::Unsupported(format!("muxer name with NUL: {muxer:?}")))?;
         let mut ctx: *mut ffi::AVFormatContext = ptr::null_mut();
         unsafe {
             let r = ffi::avformat_alloc_output_context2(
@@ -77,21 +125,7 @@ impl SegmentMuxer {
                 ));
             }
             (*st).time_base = ffi::AVRational { num: 1, den: 1000 };
-            let par = (*st).codecpar;
-            (*par).codec_id = params.codec.ff_id();
-            match params.codec.kind() {
-                crate::MediaKind::Audio => {
-                    (*par).codec_type = ffi::AVMediaType::AVMEDIA_TYPE_AUDIO;
-                    (*par).sample_rate = params.sample_rate as i32;
-                    ffi::av_channel_layout_default(&mut (*par).ch_layout, params.channels as i32);
-                }
-                crate::MediaKind::Video => {
-                    (*par).codec_type = ffi::AVMediaType::AVMEDIA_TYPE_VIDEO;
-                    (*par).width = params.width as i32;
-                    (*par).height = params.height as i32;
-                }
-            }
-            set_extradata(par, &params.extradata);
+            fill((*st).codecpar)?;
             let r = ffi::avio_open(&mut (*ctx).pb, c_path.as_ptr(), ffi::AVIO_FLAG_WRITE);
             if r < 0 {
                 return Err(ff_err(format!("opening {}", partial.display()), r));
@@ -150,6 +184,29 @@ impl SegmentMuxer {
                     r,
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The stream's time base as the muxer settled it when writing the header.
+    pub fn time_base(&self) -> ffmpeg_next::Rational {
+        unsafe { (*(*(*self.ctx).streams)).time_base.into() }
+    }
+
+    /// Writes a demuxed packet as it is (side data included); its timestamps must already be
+    /// in [`Self::time_base`].
+    pub fn write_packet(&mut self, pkt: &mut ffmpeg_next::Packet) -> Result<(), TranscodeError> {
+        pkt.set_stream(0);
+        let r = unsafe { ffi::av_write_frame(self.ctx, ffmpeg_next::packet::Mut::as_mut_ptr(pkt)) };
+        if r < 0 {
+            return Err(ff_err(
+                format!(
+                    "writing packet at {:?} to {}",
+                    pkt.pts(),
+                    self.partial.display()
+                ),
+                r,
+            ));
         }
         Ok(())
     }

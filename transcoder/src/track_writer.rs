@@ -511,7 +511,7 @@ fn annexb_parameter_sets(sps: &[Vec<u8>], pps: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-fn hash_file(path: &std::path::Path) -> Result<(u64, String), TranscodeError> {
+pub(crate) fn hash_file(path: &std::path::Path) -> Result<(u64, String), TranscodeError> {
     let mut f = std::fs::File::open(path).map_err(TranscodeError::io("hashing segment", path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];

@@ -181,3 +181,64 @@ pub fn tmp() -> tempfile::TempDir {
 pub fn p(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// Encodes the lavfi source `src` (e.g. `testsrc=s=320x240:r=30:d=7`, `sine=f=440:d=7`) with
+/// the codec and settings a WebRTC sender would use, into `out`, whose extension picks a
+/// container that keeps the packets as the receive path hands them over (`.webm` for VP8 and
+/// Opus, `.ts` for H.264 in Annex B, `.ivf` for AV1).
+pub fn encode(out: &Path, codec: transcoder::Codec, src: &str) {
+    use transcoder::Codec;
+    let rt = [
+        "-deadline",
+        "realtime",
+        "-cpu-used",
+        "8",
+        "-lag-in-frames",
+        "0",
+    ];
+    let enc: Vec<&str> = match codec {
+        Codec::Opus => vec!["-ac", "2", "-c:a", "libopus", "-b:a", "64k"],
+        Codec::Vp8 | Codec::Vp9 => {
+            let name = if codec == Codec::Vp8 {
+                "libvpx"
+            } else {
+                "libvpx-vp9"
+            };
+            let mut v = vec!["-c:v", name, "-g", "30", "-b:v", "400k"];
+            v.extend_from_slice(&rt);
+            v
+        }
+        Codec::H264 => vec![
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-profile:v",
+            "baseline",
+            "-bf",
+            "0",
+            "-g",
+            "30",
+            "-preset",
+            "veryfast",
+        ],
+        Codec::Av1 => vec![
+            "-c:v",
+            "libaom-av1",
+            "-cpu-used",
+            "8",
+            "-usage",
+            "realtime",
+            "-lag-in-frames",
+            "0",
+            "-g",
+            "30",
+            "-b:v",
+            "200k",
+        ],
+    };
+    let mut args = vec!["-f", "lavfi", "-i", src];
+    args.extend(enc);
+    args.push(out.to_str().unwrap());
+    ffmpeg(&args);
+}
