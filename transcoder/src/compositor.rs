@@ -531,10 +531,13 @@ fn graph_text(spec: &CompositeSpec, plan: &Plan) -> String {
     let mut mix_in = String::new();
     for &ti in &plan.audio {
         let t = &spec.tracks[ti];
-        // async + a small min_hard_comp: a timestamp gap of 20 ms or more becomes silence
-        // (not squeezed audio); first_pts=0 also pads a late start from the recording start.
+        // A timestamp gap or overlap of 20 ms or more becomes silence or is cut (min_hard_comp);
+        // first_pts=0 also pads a late start from the recording start. Smaller steps are left
+        // alone (async=1: no soft stretching): FFmpeg 5.1's soft compensation combined with
+        // first_pts restarts the output timestamps at 0 after a gap of a few ms, which live
+        // tracks have whenever a sender report re-anchors their clock.
         let mut chain =
-            format!("[{ti}:a]aresample=async=1000:min_hard_comp=0.02:first_pts=0,{fmt}");
+            format!("[{ti}:a]aresample=async=1:min_hard_comp=0.02:first_pts=0,{fmt}");
         let muted = intersect(
             &merge(t.muted.clone()),
             &[Interval::new(0, spec.duration_us)],
