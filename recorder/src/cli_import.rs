@@ -84,14 +84,14 @@ impl Source {
     }
 }
 
-pub async fn import(env: &Env, room: &str, files: Vec<ParticipantFile>) -> Result<Finished> {
+pub async fn import(env: &std::sync::Arc<Env>, room: &str, files: Vec<ParticipantFile>) -> Result<Finished> {
     // Every file is opened (and its codecs checked) before anything is recorded, so bad input
     // leaves no half-made recording behind.
     let opened = files
         .into_iter()
         .map(|pf| MediaFile::open(&pf.path).map(|f| (pf, f)))
         .collect::<Result<Vec<_>>>()?;
-    let mut recording = Recording::start(env, room, storage::manifest::CallFlavour::Import, None).await?;
+    let mut recording = Recording::start(env.clone(), room, storage::manifest::CallFlavour::Import, None).await?;
     // Whatever goes wrong part-way, what was read is finished and stored, never stranded.
     let fed = feed(&mut recording, opened).await;
     let id = recording.id().clone();
@@ -105,7 +105,7 @@ pub async fn import(env: &Env, room: &str, files: Vec<ParticipantFile>) -> Resul
     }
 }
 
-async fn feed(recording: &mut Recording<'_>, opened: Vec<(ParticipantFile, MediaFile)>) -> Result<()> {
+async fn feed(recording: &mut Recording, opened: Vec<(ParticipantFile, MediaFile)>) -> Result<()> {
     let mut sources = Vec::new();
     for (pf, file) in opened {
         recording

@@ -148,6 +148,16 @@ struct TrackState {
     rejected_frames: u64,
 }
 
+/// One track joined into a single file (codec copy of its segments), stored beside the composite.
+#[derive(Debug, Clone)]
+pub struct TrackFile {
+    pub track_id: String,
+    pub key: String,
+    pub bytes: u64,
+    /// Container and codec for people, e.g. `WebM VP8`.
+    pub codec_label: String,
+}
+
 /// The result of a finished recording.
 #[derive(Debug)]
 pub struct Finished {
@@ -156,11 +166,14 @@ pub struct Finished {
     /// Where a person finds the manifest (a file path for the local store).
     pub manifest_location: String,
     pub composites: Vec<String>,
+    /// Per-track files, in the manifest's track order (tracks that could not be joined are
+    /// missing; their segments are in the store either way).
+    pub track_files: Vec<TrackFile>,
     pub manifest: Manifest,
 }
 
-pub struct Recording<'e> {
-    env: &'e Env,
+pub struct Recording {
+    env: Arc<Env>,
     id: RecordingId,
     call_id: storage::CallId,
     keys: ObjectKeys,
@@ -182,8 +195,9 @@ fn kind_of(k: MediaKind) -> TrackKind {
     }
 }
 
-impl<'e> Recording<'e> {
-    pub async fn start(env: &'e Env, room: &str, flavour: CallFlavour, external_call_id: Option<&str>) -> Result<Self> {
+impl Recording {
+    /// Starts a recording of a call in `room`; the recording holds `env` until it finishes.
+    pub async fn start(env: Arc<Env>, room: &str, flavour: CallFlavour, external_call_id: Option<&str>) -> Result<Self> {
         let room_id = RoomId::new(room);
         let epoch_ms = storage::now_ms();
         let call = env.catalog.create_call(&room_id, flavour, external_call_id, epoch_ms).await?;
@@ -212,7 +226,7 @@ impl<'e> Recording<'e> {
             .audit("mxrec", "recording.started", Some(&rec.id), serde_json::json!({ "room": room }))
             .await?;
         Ok(Self {
-            env,
+            env: env.clone(),
             id: rec.id,
             call_id: call.id.clone(),
             keys,
@@ -347,6 +361,7 @@ impl<'e> Recording<'e> {
             let ext = seg.path.extension().and_then(|e| e.to_str()).unwrap_or("mkv").to_string();
             let key = self.keys.segment(&storage::TrackId::new(track), seg.index, &ext);
             let rx = self.env.uploads().enqueue(&seg.path, &key, Some(&self.id)).await?;
+            metrics::counter!(crate::http::metrics::SEGMENTS_WRITTEN).increment(1);
             self.pending_uploads.push((key.clone(), seg.path.clone(), rx));
             self.env
                 .catalog
@@ -423,43 +438,49 @@ impl<'e> Recording<'e> {
         self.finalize(end_us).await
     }
 
-    /// Waits for one queued upload and records its outcome in the catalog's uploads table.
-    async fn await_upload(
-        &self,
-        key: &ObjectPath,
-        local: &Path,
-        rx: oneshot::Receiver<storage::Result<UploadReport>>,
-    ) -> Result<UploadReport> {
-        let outcome = rx.await.map_err(|_| anyhow!("the upload queue stopped before {key} was stored"))?;
-        let mut row = storage::catalog::Upload {
-            object_key: key.to_string(),
-            recording_id: Some(self.id.clone()),
-            local_path: local.display().to_string(),
-            size: None,
-            sha256: None,
-            etag: None,
-            state: storage::catalog::UploadState::Failed,
-            attempts: 0,
-            last_error: None,
-        };
-        match &outcome {
-            Ok(r) => {
-                row.size = Some(r.size);
-                row.sha256 = Some(r.sha256.clone());
-                row.etag = r.etag.clone();
-                row.state = storage::catalog::UploadState::Verified;
-                row.attempts = r.attempts;
-            }
-            Err(e) => row.last_error = Some(e.to_string()),
+    /// Joins each track's segments into one codec-copy file, stores it beside the composite and
+    /// notes it in the manifest. A track that cannot be joined (its codec parameters changed
+    /// mid-call) keeps only its segments; that is logged, not an error.
+    async fn store_track_files(&mut self, local: &BTreeMap<String, PathBuf>) -> Result<Vec<TrackFile>> {
+        let mut out = Vec::new();
+        for ti in 0..self.manifest.tracks.len() {
+            let t = &self.manifest.tracks[ti];
+            let Some(first) = t.segments.first() else { continue };
+            let ext = Path::new(&first.key).extension().and_then(|e| e.to_str()).unwrap_or("mkv").to_string();
+            let paths: Vec<PathBuf> = t.segments.iter().filter_map(|s| local.get(&s.key).cloned()).collect();
+            let (track_id, codec) = (t.id.clone(), t.codec.clone());
+            let path = self.dir.join(format!("{track_id}.{ext}"));
+            let target = path.clone();
+            let joined = tokio::task::spawn_blocking(move || transcoder::join_segments(&paths, &target))
+                .await
+                .context("the join task panicked")?;
+            let report = match joined {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(track = %track_id, error = %e, "the track's segments cannot be joined into one file; they are stored one by one");
+                    continue;
+                }
+            };
+            let key = self.keys.output(&format!("{track_id}.{ext}"));
+            let rx = self.env.uploads().enqueue(&path, &key, Some(&self.id)).await?;
+            let stored = await_upload(&self.env, &self.id, &key, &path, rx).await?;
+            self.manifest.tracks[ti].file =
+                Some(manifest::FileInfo { key: key.to_string(), bytes: stored.size, sha256: report.sha256.clone() });
+            let container = if ext == "webm" { "WebM" } else { "Matroska" };
+            out.push(TrackFile {
+                track_id,
+                key: key.to_string(),
+                bytes: stored.size,
+                codec_label: format!("{container} {}", codec_from_name(&codec).map_or(codec.as_str(), |c| c.display_name())),
+            });
         }
-        self.env.catalog.record_upload(&row).await?;
-        outcome.with_context(|| format!("uploading {key}"))
+        Ok(out)
     }
 
     async fn finalize(&mut self, end_us: i64) -> Result<Finished> {
         // 1. Every segment stored and verified.
         for (key, local, rx) in std::mem::take(&mut self.pending_uploads) {
-            self.await_upload(&key, &local, rx).await?;
+            await_upload(&self.env, &self.id, &key, &local, rx).await?;
         }
 
         // 2. The manifest's body.
@@ -499,6 +520,7 @@ impl<'e> Recording<'e> {
                     .map(|s| Span::from_offsets(epoch, s.start_us, Some(s.end_us)))
                     .collect(),
                 undecryptable: Vec::new(),
+                file: None,
                 segments: t
                     .segments
                     .iter()
@@ -514,37 +536,44 @@ impl<'e> Recording<'e> {
             })
             .collect();
 
-        // 3. The composite, rendered from the stored segments (local spool copies when kept).
+        // 3. Per-track files and the composite, from the segments: the spool copies where they
+        //    are still there, else fetched back from the store (and checked against the manifest).
         let mut composites = Vec::new();
+        let mut track_files = Vec::new();
         let has_media = self.manifest.tracks.iter().any(|t| !t.segments.is_empty());
-        if self.env.config.composite.enabled && has_media {
-            let local: BTreeMap<String, PathBuf> = self
+        if has_media {
+            let spooled: BTreeMap<String, PathBuf> = self
                 .tracks
                 .values()
                 .flat_map(|t| t.segments.iter().map(|(s, k)| (k.to_string(), s.path.clone())))
                 .collect();
-            let out_dir = self.dir.clone();
-            let output = crate::export::render_manifest(
-                self.env.store.as_ref(),
-                &self.env.config.composite,
-                &self.manifest,
-                &local,
-                &out_dir,
-                Box::new(|_| {}),
-            )
-            .await
-            .context("rendering the composite")?;
-            let key = self.keys.output(output.file_name());
-            let rx = self.env.uploads().enqueue(&output.path, &key, Some(&self.id)).await?;
-            let report = self.await_upload(&key, &output.path, rx).await?;
-            self.manifest.outputs.push(manifest::OutputInfo {
-                kind: output.kind,
-                key: key.to_string(),
-                bytes: report.size,
-                sha256: output.sha256.clone(),
-                duration_us: output.duration_us,
-            });
-            composites.push(self.env.locate(&key));
+            let work = tempfile::tempdir_in(&self.dir).context("creating a work directory")?;
+            let local = crate::export::materialize(self.env.store.as_ref(), &self.manifest, &spooled, work.path()).await?;
+            track_files = self.store_track_files(&local).await?;
+            if self.env.config.composite.enabled {
+                let out_dir = self.dir.clone();
+                let output = crate::export::render_manifest(
+                    self.env.store.as_ref(),
+                    &self.env.config.composite,
+                    &self.manifest,
+                    &local,
+                    &out_dir,
+                    Box::new(|_| {}),
+                )
+                .await
+                .context("rendering the composite")?;
+                let key = self.keys.output(output.file_name());
+                let rx = self.env.uploads().enqueue(&output.path, &key, Some(&self.id)).await?;
+                let report = await_upload(&self.env, &self.id, &key, &output.path, rx).await?;
+                self.manifest.outputs.push(manifest::OutputInfo {
+                    kind: output.kind,
+                    key: key.to_string(),
+                    bytes: report.size,
+                    sha256: output.sha256.clone(),
+                    duration_us: output.duration_us,
+                });
+                composites.push(self.env.locate(&key));
+            }
         }
 
         // 4. The manifest itself, then the catalog.
@@ -554,7 +583,7 @@ impl<'e> Recording<'e> {
             .await
             .with_context(|| format!("writing {}", path.display()))?;
         let rx = self.env.uploads().enqueue(&path, &manifest_key, Some(&self.id)).await?;
-        self.await_upload(&manifest_key, &path, rx).await?;
+        await_upload(&self.env, &self.id, &manifest_key, &path, rx).await?;
         self.env.catalog.set_manifest_key(&self.id, manifest_key.as_ref()).await?;
         self.env.catalog.set_recording_state(&self.id, RecordingState::Uploaded, None).await?;
         self.env
@@ -574,9 +603,44 @@ impl<'e> Recording<'e> {
             manifest_location: self.env.locate(&manifest_key),
             manifest_key,
             composites,
+            track_files,
             manifest: self.manifest.clone(),
         })
     }
+}
+
+/// Waits for one queued upload of `recording` and records its outcome in the uploads table.
+async fn await_upload(
+    env: &Env,
+    recording: &RecordingId,
+    key: &ObjectPath,
+    local: &Path,
+    rx: oneshot::Receiver<storage::Result<UploadReport>>,
+) -> Result<UploadReport> {
+    let outcome = rx.await.map_err(|_| anyhow!("the upload queue stopped before {key} was stored"))?;
+    let mut row = storage::catalog::Upload {
+        object_key: key.to_string(),
+        recording_id: Some(recording.clone()),
+        local_path: local.display().to_string(),
+        size: None,
+        sha256: None,
+        etag: None,
+        state: storage::catalog::UploadState::Failed,
+        attempts: 0,
+        last_error: None,
+    };
+    match &outcome {
+        Ok(r) => {
+            row.size = Some(r.size);
+            row.sha256 = Some(r.sha256.clone());
+            row.etag = r.etag.clone();
+            row.state = storage::catalog::UploadState::Verified;
+            row.attempts = r.attempts;
+        }
+        Err(e) => row.last_error = Some(e.to_string()),
+    }
+    env.catalog.record_upload(&row).await?;
+    outcome.with_context(|| format!("uploading {key}"))
 }
 
 pub fn codec_name(c: Codec) -> &'static str {

@@ -179,6 +179,18 @@ pub struct TrackInfo {
     /// Spans whose media could not be decrypted and is missing from the segments.
     pub undecryptable: Vec<Span>,
     pub segments: Vec<SegmentInfo>,
+    /// The whole track as one file (codec copy of its segments), when it could be joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<FileInfo>,
+}
+
+/// One stored file: object key, size and SHA-256.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInfo {
+    pub key: String,
+    pub bytes: u64,
+    pub sha256: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -49,6 +49,17 @@ impl Codec {
         }
     }
 
+    /// The codec's usual written name, for people (`Opus`, `VP8`, `H.264`).
+    pub fn display_name(&self) -> &'static str {
+        match self {
+            Codec::Opus => "Opus",
+            Codec::Vp8 => "VP8",
+            Codec::Vp9 => "VP9",
+            Codec::H264 => "H.264",
+            Codec::Av1 => "AV1",
+        }
+    }
+
     /// H.264 is not allowed in WebM, so it goes into plain Matroska.
     pub fn segment_extension(&self) -> &'static str {
         match self {

@@ -323,12 +323,14 @@ impl RecvPeer {
             .await
             .map_err(|e| PeerError::SetLocalDescription(e.to_string()))?;
         let mut gathering = self.shared.gathering.subscribe();
-        let done = tokio::time::timeout(
+        // The watch guard must not live across the awaits below (it is not `Send`).
+        let complete = tokio::time::timeout(
             self.shared.cfg.gather_timeout,
             gathering.wait_for(|s| *s == RTCIceGatheringState::Complete),
         )
-        .await;
-        if done.is_err() {
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if !complete {
             tracing::warn!(
                 timeout = ?self.shared.cfg.gather_timeout,
                 "ICE gathering not complete; answering with the candidates gathered so far, the rest will be trickled"

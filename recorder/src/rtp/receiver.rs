@@ -74,6 +74,8 @@ pub enum ReceiverOutput {
 pub struct ReceiverStats {
     /// Every packet handed in, duplicates and malformed ones included.
     pub packets_received: u64,
+    /// RTP payload bytes of those packets.
+    pub payload_bytes: u64,
     pub duplicates: u64,
     /// Arrived after its sequence number was released or given up on.
     pub late: u64,
@@ -154,6 +156,7 @@ impl TrackReceiver {
     /// A malformed payload is reported (and counted) but never stops the track.
     pub fn handle_rtp(&mut self, now_us: i64, packet: rtc_rtp::Packet) -> Result<(), MalformedPacket> {
         self.stats.packets_received += 1;
+        self.stats.payload_bytes += packet.payload.len() as u64;
         let h = &packet.header;
         let seq = self.seqs.unwrap(h.sequence_number);
         let ts = self.timestamps.unwrap(h.timestamp);
