@@ -27,6 +27,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "upload",
     "catalog",
     "http",
+    "matrix",
+    "webrtc",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +44,8 @@ pub struct Config {
     pub upload: storage::UploaderConfig,
     pub catalog: CatalogConfig,
     pub http: HttpConfig,
+    pub matrix: MatrixConfig,
+    pub webrtc: WebrtcConfig,
 }
 
 impl Default for Config {
@@ -55,6 +59,8 @@ impl Default for Config {
             upload: storage::UploaderConfig::default(),
             catalog: CatalogConfig::default(),
             http: HttpConfig::default(),
+            matrix: MatrixConfig::default(),
+            webrtc: WebrtcConfig::default(),
         }
     }
 }
@@ -193,6 +199,71 @@ impl HttpConfig {
     }
 }
 
+/// The bot's Matrix account (`mxrec run`). Other subcommands ignore this section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatrixConfig {
+    /// Base URL of the homeserver's client API, e.g. `https://matrix.example.org`.
+    pub homeserver: Option<String>,
+    /// The bot's user: a full id (`@mxrec:example.org`) or a localpart.
+    pub user: Option<String>,
+    /// Password login; also lets the bot bootstrap cross-signing for its device.
+    pub password: Option<String>,
+    /// Alternatively an access token of an existing device, with that device's id.
+    pub access_token: Option<String>,
+    pub device_id: Option<String>,
+    /// Display name of the device the bot creates at its first password login.
+    pub device_name: String,
+    /// Who may invite the bot into a room: user ids (`@alice:example.org`), server names
+    /// (`example.org` or `:example.org`: every user of that server) or `*` (anyone). Empty: nobody.
+    pub allowed_inviters: Vec<String>,
+    /// Passphrase encrypting the bot's SQLite state and crypto stores at rest.
+    pub store_passphrase: Option<String>,
+    /// Where the stores and the saved session live; default `<data_dir>/matrix`.
+    pub store_dir: Option<PathBuf>,
+}
+
+impl Default for MatrixConfig {
+    fn default() -> Self {
+        Self {
+            homeserver: None,
+            user: None,
+            password: None,
+            access_token: None,
+            device_id: None,
+            device_name: "mxrec recorder".into(),
+            allowed_inviters: Vec::new(),
+            store_passphrase: None,
+            store_dir: None,
+        }
+    }
+}
+
+/// The WebRTC side of calls the bot takes part in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebrtcConfig {
+    /// UDP addresses each call binds, one ICE host candidate per address. `0.0.0.0:0` expands to
+    /// every non-loopback interface; give `127.0.0.1:0` for calls on one machine.
+    pub bind_addrs: Vec<String>,
+    /// STUN/TURN server URLs (`stun:host:port`, `turn:host:port?transport=udp`).
+    pub ice_servers: Vec<String>,
+    /// Credentials for the TURN servers in `ice_servers`.
+    pub turn_username: Option<String>,
+    pub turn_password: Option<String>,
+}
+
+impl Default for WebrtcConfig {
+    fn default() -> Self {
+        Self {
+            bind_addrs: vec!["0.0.0.0:0".into()],
+            ice_servers: Vec::new(),
+            turn_username: None,
+            turn_password: None,
+        }
+    }
+}
+
 /// One thing wrong with a configuration, with the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -239,6 +310,58 @@ impl Config {
             .url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("mxrec.db").display()))
+    }
+
+    pub fn matrix_store_dir(&self) -> PathBuf {
+        self.matrix.store_dir.clone().unwrap_or_else(|| self.data_dir.join("matrix"))
+    }
+
+    /// What `mxrec run` needs beyond [`Config::validate`]: a usable Matrix account and WebRTC
+    /// sockets.
+    pub fn validate_bot(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, message: String| out.push(Problem { key: key.into(), message });
+        let m = &self.matrix;
+        match m.homeserver.as_deref() {
+            None | Some("") => bad("matrix.homeserver", "is required to run the bot".into()),
+            Some(h) if !(h.starts_with("http://") || h.starts_with("https://")) => {
+                bad("matrix.homeserver", format!("`{h}` is not an http(s):// URL"))
+            }
+            Some(_) => {}
+        }
+        match m.user.as_deref() {
+            None | Some("") => bad("matrix.user", "is required to run the bot".into()),
+            Some(u) if u.starts_with('@') && !u.contains(':') => {
+                bad("matrix.user", format!("`{u}` is neither a localpart nor @localpart:server"))
+            }
+            Some(_) => {}
+        }
+        match (&m.password, &m.access_token, &m.device_id) {
+            (None, None, _) => bad("matrix.password", "give a password or an access_token".into()),
+            (None, Some(_), None) => {
+                bad("matrix.device_id", "an access_token needs the id of the device it belongs to".into())
+            }
+            _ => {}
+        }
+        for who in &m.allowed_inviters {
+            if crate::bot::Allowlist::parse_entry(who).is_none() {
+                bad("matrix.allowed_inviters", format!("`{who}` is not a user id, a server name or `*`"));
+            }
+        }
+        if self.webrtc.bind_addrs.is_empty() {
+            bad("webrtc.bind_addrs", "needs at least one address".into());
+        }
+        for a in &self.webrtc.bind_addrs {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                bad("webrtc.bind_addrs", format!("`{a}` is not an address like 0.0.0.0:0"));
+            }
+        }
+        for u in &self.webrtc.ice_servers {
+            if !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")) {
+                bad("webrtc.ice_servers", format!("`{u}` is not a stun:/turn:/turns: URL"));
+            }
+        }
+        out
     }
 
     pub fn segment_duration(&self) -> std::time::Duration {

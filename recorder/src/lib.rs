@@ -1,13 +1,18 @@
-//! The recorder: everything that knows about calls. It turns a call (for now: media files through
-//! the import adapter; Matrix call flavours plug in the same way) into frames on one clock, feeds
+//! The recorder: everything that knows about calls. It turns a call (a Matrix 1:1 call answered by
+//! the bot, or media files through the import adapter) into frames on one clock, feeds
 //! them to `transcoder`'s segment writers, and hands the results to `storage` — spool, uploads,
 //! catalog, manifest — then renders the composite when the recording ends.
 //!
 //! Layout: `config` (the one configuration tree), `timeline` (pure: presence, mutes, pauses),
 //! `pipeline` (one recording's state: writers, timeline, uploads; the finalizer), `import` (the file
 //! adapter), `export` (re-rendering a stored recording), `http` (the one HTTP server: share
-//! links, /healthz, /metrics).
+//! links, /healthz, /metrics), `voip1` (pure 1:1 signalling machines), `rtp` (the receive path),
+//! `peer` (the WebRTC edge), `bot` (the Matrix account, call runtime and per-call tasks).
 
+// matrix-sdk's sync future is deep enough to overflow the default limit when checking `Send`.
+#![recursion_limit = "256"]
+
+pub mod bot;
 pub mod cli_import;
 pub mod config;
 pub mod export;

@@ -61,6 +61,9 @@ enum Command {
     },
     /// Run the HTTP server (share links, /healthz, /metrics) until SIGINT or SIGTERM.
     Serve,
+    /// Run the recording bot (`[matrix]` section) together with the HTTP server until SIGINT or
+    /// SIGTERM; then hang up every call, store the recordings and exit.
+    Run,
 }
 
 #[derive(Subcommand)]
@@ -138,14 +141,16 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 .iter()
                 .map(|s| recorder::cli_import::ParticipantFile::parse(s))
                 .collect::<Result<Vec<_>>>()?;
-            let env = recorder::pipeline::Env::open(&config).await?;
+            let env = std::sync::Arc::new(recorder::pipeline::Env::open(&config).await?);
             let done = recorder::cli_import::import(&env, &room, specs).await?;
             println!("recording: {}", done.recording_id);
             println!("manifest:  {}", done.manifest_location);
             for c in &done.composites {
                 println!("composite: {c}");
             }
-            env.shutdown().await;
+            if let Ok(env) = std::sync::Arc::try_unwrap(env) {
+                env.shutdown().await;
+            }
             Ok(())
         }
         Command::Export { manifest, out } => {
@@ -177,6 +182,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
         }
         Command::Links { command } => links(command, &config).await,
         Command::Serve => serve(&config).await,
+        Command::Run => recorder::bot::run(config, recorder::http::shutdown_signal()).await,
     }
 }
 

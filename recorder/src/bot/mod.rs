@@ -1,0 +1,305 @@
+//! The recording bot (`mxrec run`): a Matrix account that joins the rooms it is invited to (by
+//! allowed inviters), answers 1:1 calls, records them and posts the links.
+//!
+//! - [`session`]: the matrix-sdk client, its stores under the data dir, login or restore, and
+//!   cross-signing.
+//! - sync handlers (here): invites go through the [`Allowlist`]; every `m.call.*` timeline event,
+//!   decrypted when the room is encrypted, is cut down to a [`voip1::RoomEvent`] and queued for the
+//!   runtime. Content is not parsed here: malformed events reach the call machine, which refuses
+//!   them with a reason that is logged.
+//! - [`runtime`]: the task owning the 1:1 call machine, which spawns one [`call`] task per call
+//!   (peer connection + recording) and sends what the machine says through per-room [`outbox`]es.
+//! - [`messages`]: what the bot posts.
+//!
+//! The HTTP server (links, `/healthz`, `/metrics`) runs in the same process, over the same store
+//! and catalog, so the links the bot posts are served at once.
+
+mod allowlist;
+pub mod call;
+pub mod messages;
+pub mod outbox;
+pub mod runtime;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
+use matrix_sdk::ruma::events::AnySyncTimelineEvent;
+use matrix_sdk::ruma::serde::Raw;
+use matrix_sdk::ruma::{OwnedDeviceId, OwnedRoomId, OwnedUserId, UserId};
+use matrix_sdk::{Client, Room, RoomMemberships, RoomState};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+pub use allowlist::Allowlist;
+
+use crate::config::Config;
+use crate::http::{HttpState, Links};
+use crate::pipeline::{Env, Finished};
+use crate::voip1;
+
+/// Room events waiting for the runtime; the sync handler waits when it is full.
+const EVENT_QUEUE: usize = 1024;
+
+/// What every part of the bot shares.
+pub struct BotContext {
+    pub config: Config,
+    pub env: Arc<Env>,
+    pub client: Client,
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
+    /// How the bot names itself in notices: its display name, else its user id.
+    pub bot_name: String,
+    pub links: Links,
+}
+
+impl BotContext {
+    /// A member's display name in a room, else their user id.
+    pub async fn display_name(&self, room_id: &OwnedRoomId, user: &str) -> String {
+        let Ok(user_id) = <&UserId>::try_from(user) else { return user.to_string() };
+        let Some(room) = self.client.get_room(room_id) else { return user.to_string() };
+        match room.get_member(user_id).await {
+            Ok(Some(m)) => m.display_name().map(str::to_owned).unwrap_or_else(|| user.to_string()),
+            _ => user.to_string(),
+        }
+    }
+
+    /// Issues links to a stored recording's composite and per-track files and words the notice.
+    pub async fn saved_notice(&self, finished: &Finished) -> Result<messages::Notice> {
+        let ttl = self.links.default_ttl();
+        let keys = finished.manifest.outputs.iter().map(|o| o.key.clone()).chain(finished.track_files.iter().map(|t| t.key.clone()));
+        let mut links = HashMap::new();
+        let mut expires_at = None;
+        for key in keys {
+            let link = self.links.issue(&finished.recording_id, &key, ttl).await?;
+            expires_at = Some(link.expires_at);
+            links.insert(key, link);
+        }
+        let (composite, track_files) = call::saved_files(finished, &links);
+        let m = &finished.manifest;
+        let total_bytes = m.outputs.iter().map(|o| o.bytes).sum::<u64>()
+            + m.tracks.iter().flat_map(|t| t.segments.iter().map(|s| s.bytes)).sum::<u64>();
+        let duration_us = m.call.span.end_us.unwrap_or(0) - m.call.span.start_us;
+        Ok(messages::recording_saved(&messages::Saved {
+            duration_us,
+            total_bytes,
+            tracks: m.tracks.len(),
+            composite,
+            track_files,
+            expires_at: expires_at.unwrap_or_else(|| chrono::Utc::now() + ttl),
+            recording_id: finished.recording_id.as_str(),
+        }))
+    }
+}
+
+/// Runs the bot and the HTTP server until `shutdown` resolves; then hangs up every call, stores
+/// the recordings and returns.
+pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let mut problems = config.validate();
+    problems.extend(config.validate_bot());
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        return Err(anyhow!("invalid configuration:\n  {}", list.join("\n  ")));
+    }
+    let allowlist = Allowlist::new(&config.matrix.allowed_inviters)
+        .map_err(|e| anyhow!("matrix.allowed_inviters: `{e}` is not a user id, a server name or `*`"))?;
+    if allowlist.is_empty() {
+        warn!("matrix.allowed_inviters is empty: the bot will decline every invite");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let on_signal = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = on_signal.send(true);
+    });
+
+    let env = Arc::new(Env::open(&config).await?);
+
+    // HTTP first, so links work as soon as the bot posts one.
+    let signer = storage::store::build_signer(&config.storage).context("preparing URL presigning for the object store")?;
+    let http = HttpState::new(env.catalog.clone(), env.store.clone(), signer, config.http.clone());
+    let links = http.links.clone();
+    let listener = tokio::net::TcpListener::bind(&config.http.bind)
+        .await
+        .with_context(|| format!("listening on {} (http.bind)", config.http.bind))?;
+    let addr = listener.local_addr()?;
+    println!("listening: http://{addr}");
+    let http_stop = wait_for_stop(stop_rx.clone());
+    let http_task = tokio::spawn(async move { crate::http::serve(listener, http, http_stop).await });
+
+    let session = session::connect(&config).await?;
+    let client = session.client.clone();
+    let bot_name = match client.account().get_display_name().await {
+        Ok(Some(name)) if !name.trim().is_empty() => name,
+        _ => session.user_id.to_string(),
+    };
+    let ctx = Arc::new(BotContext {
+        config: config.clone(),
+        env: env.clone(),
+        client: client.clone(),
+        user_id: session.user_id.clone(),
+        device_id: session.device_id.clone(),
+        bot_name,
+        links,
+    });
+
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    register_handlers(&client, &ctx, allowlist, events_tx);
+    let first = client
+        .sync_once(SyncSettings::default().timeout(Duration::from_secs(0)))
+        .await
+        .context("the first sync with the homeserver failed")?;
+    println!("bot: {} device {}", ctx.user_id, ctx.device_id);
+    info!(user = %ctx.user_id, device = %ctx.device_id, "bot ready");
+
+    let runtime = tokio::spawn(runtime::Runtime::new(ctx.clone()).run(events_rx, stop_rx.clone()).instrument(info_span!("voip1")));
+    let sync_client = client.clone();
+    let mut sync = tokio::spawn(async move {
+        // `sync` retries on its own after network errors; it only returns on a fatal one.
+        let settings = SyncSettings::default().token(first.next_batch).timeout(Duration::from_secs(30));
+        sync_client.sync(settings).await
+    });
+    let mut stop = stop_rx.clone();
+    tokio::select! {
+        r = &mut sync => match r {
+            Ok(Err(e)) => warn!(error = %e, "syncing with the homeserver stopped; shutting down"),
+            Ok(Ok(())) => {}
+            Err(e) => warn!(error = %e, "the sync task ended"),
+        },
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    // Hang up and store everything; sending needs no sync, so it stops now.
+    let _ = stop_tx.send(true);
+    sync.abort();
+    if let Err(e) = runtime.await {
+        warn!(error = %e, "the call runtime ended abnormally");
+    }
+    drop(ctx);
+    match http_task.await {
+        Ok(Err(e)) => warn!(error = %e, "the HTTP server failed"),
+        Err(e) => warn!(error = %e, "the HTTP server task ended abnormally"),
+        Ok(Ok(())) => {}
+    }
+    match Arc::try_unwrap(env) {
+        Ok(env) => env.shutdown().await,
+        Err(_) => warn!("recordings still hold the environment; pending uploads resume at the next start"),
+    }
+    Ok(())
+}
+
+async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn register_handlers(client: &Client, ctx: &Arc<BotContext>, allowlist: Allowlist, events: mpsc::Sender<runtime::CallRoomEvent>) {
+    let me = ctx.user_id.clone();
+    client.add_event_handler(move |ev: StrippedRoomMemberEvent, room: Room| {
+        let me = me.clone();
+        let allowlist = allowlist.clone();
+        async move {
+            if ev.state_key != me || ev.content.membership != MembershipState::Invite || room.state() != RoomState::Invited {
+                return;
+            }
+            let span = info_span!("invite", room = %room.room_id(), inviter = %ev.sender);
+            async move {
+                if !allowlist.allows(ev.sender.as_str()) {
+                    info!("inviter is not in matrix.allowed_inviters; declining");
+                    if let Err(e) = room.leave().await {
+                        warn!(error = %e, "declining the invite failed");
+                    }
+                    return;
+                }
+                tokio::spawn(join_with_retries(room).in_current_span());
+            }
+            .instrument(span)
+            .await
+        }
+    });
+    client.add_event_handler(move |raw: Raw<AnySyncTimelineEvent>, room: Room| {
+        let events = events.clone();
+        async move {
+            let Some(mut ev) = call_event(&raw, &room) else { return };
+            if ev.event_type == "m.call.invite" {
+                // The sync summary's count can lag behind (0 right after joining); the member list
+                // is authoritative and is fetched once per room.
+                match room.members(RoomMemberships::JOIN).await {
+                    Ok(members) => ev.joined_members = members.len(),
+                    Err(e) => warn!(room = %room.room_id(), error = %e, "cannot list the room's members; using the sync summary"),
+                }
+            }
+            if events.send(ev).await.is_err() {
+                debug!("the call runtime has stopped; dropping a call event");
+            }
+        }
+    });
+}
+
+async fn join_with_retries(room: Room) {
+    let mut delay = Duration::from_secs(1);
+    for attempt in 1..=5 {
+        match room.join().await {
+            Ok(()) => {
+                info!("joined");
+                return;
+            }
+            Err(e) if attempt < 5 => {
+                warn!(error = %e, attempt, "joining failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => warn!(error = %e, "joining failed; giving up"),
+        }
+    }
+}
+
+/// The fields of a timeline event the call machine reads; content stays raw JSON.
+#[derive(Deserialize)]
+struct TimelineEvent {
+    #[serde(rename = "type")]
+    event_type: String,
+    sender: String,
+    #[serde(default)]
+    content: serde_json::Value,
+    #[serde(default)]
+    origin_server_ts: u64,
+    #[serde(default)]
+    unsigned: Option<Unsigned>,
+}
+
+#[derive(Deserialize)]
+struct Unsigned {
+    age: Option<i64>,
+}
+
+/// An `m.call.*` event of a joined room, cut down for the runtime; `None` for anything else.
+fn call_event(raw: &Raw<AnySyncTimelineEvent>, room: &Room) -> Option<runtime::CallRoomEvent> {
+    let ev: TimelineEvent = match raw.deserialize_as_unchecked() {
+        Ok(ev) => ev,
+        Err(e) => {
+            debug!(room = %room.room_id(), error = %e, "timeline event without type/sender; ignored");
+            return None;
+        }
+    };
+    if !ev.event_type.starts_with("m.call.") {
+        if ev.event_type == "m.room.encrypted" {
+            debug!(room = %room.room_id(), sender = %ev.sender, "an event could not be decrypted (yet)");
+        }
+        return None;
+    }
+    Some(voip1::RoomEvent {
+        room_id: voip1::RoomId(room.room_id().to_string()),
+        sender: voip1::UserId(ev.sender),
+        event_type: ev.event_type,
+        content: ev.content,
+        origin_server_ts: voip1::UnixMs(ev.origin_server_ts),
+        unsigned_age_ms: ev.unsigned.and_then(|u| u.age).and_then(|a| u64::try_from(a).ok()),
+        joined_members: room.joined_members_count() as usize,
+        now: runtime::now(),
+    })
+}

@@ -1,0 +1,111 @@
+//! What the bot sends to a room, sent in order by one task per room.
+//!
+//! Order matters in a call: `m.call.answer` must reach the caller before the candidates that
+//! follow it, and the "being recorded" notice should not overtake the answer. Each room therefore
+//! has one queue drained by one task. A send that fails is retried with back-off under the same
+//! transaction id (the homeserver deduplicates it), then logged and dropped: a call event that
+//! cannot be delivered ends in the call machine's timeouts, never in a stuck queue.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+use matrix_sdk::ruma::{OwnedRoomId, TransactionId};
+use matrix_sdk::Client;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info_span, warn, Instrument};
+
+use super::messages::Notice;
+
+/// Attempts per message (the first send and its retries).
+const ATTEMPTS: u32 = 4;
+
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// A room event of any type (the call machine's `m.call.*`), encrypted if the room is.
+    Event { event_type: String, content: Value },
+    /// An `m.notice` with an HTML body.
+    Notice(Notice),
+}
+
+/// The per-room queues of one bot.
+pub struct Outboxes {
+    client: Client,
+    rooms: HashMap<OwnedRoomId, mpsc::UnboundedSender<Outgoing>>,
+    tasks: JoinSet<()>,
+}
+
+impl Outboxes {
+    pub fn new(client: Client) -> Self {
+        Self { client, rooms: HashMap::new(), tasks: JoinSet::new() }
+    }
+
+    /// The queue of `room_id` (created on first use); clones may be handed to other tasks.
+    pub fn queue(&mut self, room_id: &OwnedRoomId) -> mpsc::UnboundedSender<Outgoing> {
+        if let Some(tx) = self.rooms.get(room_id).filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let span = info_span!("outbox", room = %room_id);
+        self.tasks.spawn(drain(self.client.clone(), room_id.clone(), rx).instrument(span));
+        self.rooms.insert(room_id.clone(), tx.clone());
+        tx
+    }
+
+    pub fn send(&mut self, room_id: &OwnedRoomId, msg: Outgoing) {
+        let _ = self.queue(room_id).send(msg);
+    }
+
+    /// Closes every queue and waits until what was queued has been sent (or given up on). Queues
+    /// handed out with [`Outboxes::queue`] keep their task alive until they are dropped too.
+    pub async fn flush(mut self) {
+        self.rooms.clear();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn drain(client: Client, room_id: OwnedRoomId, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
+    while let Some(msg) = rx.recv().await {
+        let Some(room) = client.get_room(&room_id) else {
+            warn!("the bot is not in this room; dropping a message for it");
+            continue;
+        };
+        let txn = TransactionId::new();
+        let mut backoff = Duration::from_millis(500);
+        for attempt in 1..=ATTEMPTS {
+            let sent = match &msg {
+                Outgoing::Event { event_type, content } => room
+                    .send_raw(event_type, content.clone())
+                    .with_transaction_id(&txn)
+                    .await
+                    .map(|r| r.response.event_id),
+                Outgoing::Notice(n) => room
+                    .send(RoomMessageEventContent::notice_html(n.plain.clone(), n.html.clone()))
+                    .with_transaction_id(txn.clone())
+                    .await
+                    .map(|r| r.response.event_id),
+            };
+            match sent {
+                Ok(event_id) => {
+                    debug!(%event_id, kind = kind(&msg), "sent");
+                    break;
+                }
+                Err(e) if attempt < ATTEMPTS => {
+                    warn!(error = %e, attempt, kind = kind(&msg), "sending failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e) => warn!(error = %e, kind = kind(&msg), "sending failed; giving up on this message"),
+            }
+        }
+    }
+}
+
+fn kind(msg: &Outgoing) -> &str {
+    match msg {
+        Outgoing::Event { event_type, .. } => event_type,
+        Outgoing::Notice(_) => "m.notice",
+    }
+}
