@@ -14,7 +14,9 @@ test-deps:
 build: deps
 	$(CARGO) build --workspace --all-targets
 
-# Records a sample call on loopback with the embedded defaults (SQLite + local files).
+# Records a live 1:1 Matrix call on loopback: a private Synapse, the mxrec bot with the embedded
+# defaults (SQLite + local files under ./data), and an aiortc caller. demo.sh installs Synapse and
+# the aiortc venv on first use (deploy/dev/synapse.sh, deploy/dev/pyenv.sh).
 demo: deps
 	bash deploy/dev/demo.sh
 

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Installs what building and testing mxrec needs on Debian 12, and nothing when it is already there.
 # Used by `make demo` and `make test`, so a fresh machine needs no manual step.
-#   install-deps.sh           build deps (FFmpeg dev libraries, clang, pkg-config, fonts)
+#   install-deps.sh           build deps (FFmpeg dev libraries, clang, pkg-config, fonts) and what
+#                             the demo's Synapse and aiortc venvs need (python3-venv, curl, ss)
 #   install-deps.sh --test    plus the test servers: PostgreSQL and Garage (S3)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
 debs=(ffmpeg libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev
       libswscale-dev libswresample-dev clang libclang-dev pkg-config fonts-dejavu-core
-      ca-certificates curl python3 python3-venv)
-[[ "${1:-}" == "--test" ]] && debs+=(postgresql iproute2)
+      ca-certificates curl python3 python3-venv iproute2)
+[[ "${1:-}" == "--test" ]] && debs+=(postgresql)
 
 missing=()
 for p in "${debs[@]}"; do

@@ -12,6 +12,9 @@ The media are made to be measured after recording:
 Both tracks count from one shared start time, so flash n*30 and beep n are meant to be
 simultaneous; their RTP timestamps are `frame * 3000` (90 kHz) and `sample` (48 kHz) from that
 start, and aiortc's Sender Reports tie both to its wall clock.
+
+matrix_caller.py (the Matrix caller) imports the media classes from here, so importing this module
+must stay free of side effects.
 """
 
 import argparse
