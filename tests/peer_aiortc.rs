@@ -11,8 +11,8 @@
 mod harness;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use recorder::peer::{PeerConfig, PeerOutput, RecvPeer, TrackKey};
@@ -23,31 +23,6 @@ use transcoder::{Codec, SegmentInfo, TrackWriter, TrackWriterConfig};
 const SEND_SECONDS: &str = "7";
 /// Flash and beep must coincide this closely on the recording clock.
 const MAX_AV_OFFSET_MS: f64 = 40.0;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// The interpreter with aiortc, making the venv when it is missing.
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("MXREC_TEST_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let script = repo_root().join("deploy/dev/pyenv.sh");
-    let out = Command::new("bash").arg(&script).stderr(Stdio::inherit()).output();
-    match out {
-        Ok(out) if out.status.success() => {
-            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().lines().last().unwrap_or(""))
-        }
-        Ok(out) => panic!(
-            "the aiortc venv is missing and {} could not make it (exit {:?}); run it by hand and \
-             read its error, or point MXREC_TEST_PYTHON at a python with aiortc 1.16 and numpy",
-            script.display(),
-            out.status.code()
-        ),
-        Err(e) => panic!("cannot run {}: {e}", script.display()),
-    }
-}
 
 struct Track {
     codec: Codec,
@@ -119,79 +94,14 @@ impl Received {
     }
 }
 
-/// `ffprobe` over a lavfi graph reading `path`; returns (pts seconds, tag value) per frame.
-fn probe_frames(source: &str, path: &Path, filters: &str, tag: &str) -> Vec<(f64, f64)> {
-    let graph = format!("{source}={},{filters}", path.display());
-    let out = Command::new("ffprobe")
-        .args(["-v", "error", "-f", "lavfi", "-i", &graph])
-        .args(["-show_entries", &format!("frame=pts_time:frame_tags={tag}"), "-of", "csv=p=0"])
-        .output()
-        .expect("ffprobe runs");
-    assert!(out.status.success(), "ffprobe {graph}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split(',');
-            let t = it.next()?.trim().parse().ok()?;
-            let v = it.next()?.trim();
-            let v = if v == "-inf" { f64::NEG_INFINITY } else { v.parse().ok()? };
-            Some((t, v))
-        })
-        .collect()
-}
-
-/// Times (s) where a video frame turns bright after a normal one.
-fn flash_times(segments: &[SegmentInfo]) -> Vec<f64> {
-    let mut frames: Vec<(f64, f64)> = segments
-        .iter()
-        .flat_map(|s| probe_frames("movie", &s.path, "signalstats", "lavfi.signalstats.YAVG"))
-        .collect();
-    frames.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut out = vec![];
-    let mut prev_bright = false;
-    for (t, yavg) in frames {
-        let bright = yavg > 200.0;
-        if bright && !prev_bright {
-            out.push(t);
-        }
-        prev_bright = bright;
-    }
-    out
-}
-
-/// Times (s) where the audio gets loud after at least 200 ms of quiet, to 1 ms.
-fn beep_onsets(segments: &[SegmentInfo]) -> Vec<f64> {
-    let mut chunks: Vec<(f64, f64)> = segments
-        .iter()
-        .flat_map(|s| {
-            probe_frames(
-                "amovie",
-                &s.path,
-                "asetnsamples=n=48:p=0,astats=metadata=1:reset=1",
-                "lavfi.astats.Overall.RMS_level",
-            )
-        })
-        .collect();
-    chunks.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut out = vec![];
-    let mut quiet_since: Option<f64> = None;
-    for (t, rms_db) in chunks {
-        if rms_db > -40.0 {
-            if quiet_since.is_some_and(|q| t - q >= 0.2) {
-                out.push(t);
-            }
-            quiet_since = None;
-        } else if quiet_since.is_none() {
-            quiet_since = Some(t);
-        }
-    }
-    out
+fn paths(segments: &[SegmentInfo]) -> Vec<&Path> {
+    segments.iter().map(|s| s.path.as_path()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiortc_call_is_received_recorded_and_in_sync() {
-    let python = python();
-    let script = repo_root().join("tests/peers/aiortc_sender.py");
+    let python = harness::python();
+    let script = harness::repo_root().join("tests/peers/aiortc_sender.py");
     let dir = tempfile::tempdir().unwrap();
 
     let mut child = tokio::process::Command::new(&python)
@@ -301,16 +211,10 @@ async fn aiortc_call_is_received_recorded_and_in_sync() {
     assert!(covered_us >= 5_000_000, "video covers ≥ 5 s: {covered_us} µs");
 
     // A/V sync on the recording clock.
-    let flashes = flash_times(&video.segments);
-    let beeps = beep_onsets(&audio.segments);
+    let flashes = harness::flash_times(&harness::luma_per_frame(&paths(&video.segments)));
+    let beeps = harness::beep_onsets(&harness::audio_rms_per_ms(&paths(&audio.segments)));
     eprintln!("flashes at {flashes:.3?}\nbeep onsets at {beeps:.3?}");
-    let offsets_ms: Vec<f64> = flashes
-        .iter()
-        .filter_map(|f| {
-            let b = beeps.iter().min_by(|a, b| (*a - f).abs().total_cmp(&(*b - f).abs()))?;
-            ((f - b).abs() < 0.5).then(|| (f - b) * 1000.0)
-        })
-        .collect();
+    let offsets_ms = harness::av_offsets_ms(&flashes, &beeps);
     eprintln!("A/V offsets (video − audio) in ms: {offsets_ms:.1?}");
     assert!(offsets_ms.len() >= 4, "at least 4 flash/beep pairs found ({} flashes, {} beeps)", flashes.len(), beeps.len());
     assert!(decode_errors.is_empty(), "segments decode with errors:\n{}", decode_errors.join("\n"));

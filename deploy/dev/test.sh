@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace against real servers on loopback: Garage (S3) and PostgreSQL are
-# started here, their coordinates exported, and both are stopped on exit whatever happens.
+# Runs every test of the workspace against real servers on loopback: Garage (S3), PostgreSQL and
+# Synapse (Matrix) are started here, their coordinates exported, and all are stopped on exit
+# whatever happens.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/../.."
@@ -8,6 +9,7 @@ cd "$here/../.."
 cleanup() {
   "$here/garage.sh" stop >/dev/null 2>&1 || true
   "$here/postgres.sh" stop >/dev/null 2>&1 || true
+  "$here/synapse.sh" stop >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
@@ -15,6 +17,8 @@ trap cleanup EXIT
 eval "$("$here/garage.sh" env)"
 "$here/postgres.sh" start
 eval "$("$here/postgres.sh" env)"
+"$here/synapse.sh" start
+eval "$("$here/synapse.sh" env)"
 
 # make test runs every test: one whose server is missing fails instead of skipping.
 export MXREC_REQUIRE_TEST_SERVERS=1
