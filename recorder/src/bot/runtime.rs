@@ -163,6 +163,9 @@ fn log_ignored(room: &OwnedRoomId, call_id: Option<&voip1::CallId>, reason: &Ign
         IgnoreReason::Busy { .. } | IgnoreReason::NotForUs { .. } | IgnoreReason::Expired { .. } | IgnoreReason::NotOneToOne { .. } => {
             info!(%room, call_id, "not answered: {reason}")
         }
+        // An event for a call the bot never heard of (a stray hangup, say) is refused visibly;
+        // candidates held for an invite that may still come are not worth a line each.
+        IgnoreReason::UnknownCall => info!(%room, call_id, "refused: {reason}"),
         _ => debug!(%room, call_id, "ignored: {reason}"),
     }
 }
