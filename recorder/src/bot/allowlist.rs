@@ -46,12 +46,16 @@ impl Allowlist {
     }
 
     /// Whether `user_id` (`@local:server`) may invite the bot.
+    /// Localparts compare exactly, server names without regard to case.
     pub fn allows(&self, user_id: &str) -> bool {
-        let server = user_id.split_once(':').map(|(_, s)| s.to_ascii_lowercase());
+        let (local, server) = match user_id.split_once(':') {
+            Some((l, s)) => (l, s.to_ascii_lowercase()),
+            None => (user_id, String::new()),
+        };
         self.entries.iter().any(|e| match e {
             Entry::Anyone => true,
-            Entry::User(u) => u == user_id,
-            Entry::Server(s) => server.as_deref() == Some(s.as_str()),
+            Entry::User(u) => u.split_once(':').is_some_and(|(ul, us)| ul == local && us.eq_ignore_ascii_case(&server)),
+            Entry::Server(s) => *s == server,
         })
     }
 
@@ -84,6 +88,8 @@ mod tests {
     fn users_servers_and_anyone() {
         let l = list(&["@alice:example.org", "corp.example", ":Partner.example:8448"]);
         assert!(l.allows("@alice:example.org"));
+        assert!(l.allows("@alice:Example.ORG"));
+        assert!(!l.allows("@Alice:example.org"));
         assert!(!l.allows("@bob:example.org"));
         assert!(l.allows("@bob:corp.example"));
         assert!(l.allows("@carol:partner.example:8448"));

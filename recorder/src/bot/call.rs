@@ -54,6 +54,17 @@ pub enum CallReport {
     Ended,
 }
 
+struct EndedGuard {
+    reports: mpsc::UnboundedSender<(CallKey, CallReport)>,
+    key: CallKey,
+}
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        let _ = self.reports.send((self.key.clone(), CallReport::Ended));
+    }
+}
+
 /// Identifies a call for the runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CallKey {
@@ -71,10 +82,9 @@ pub struct CallTask {
 impl CallTask {
     pub async fn run(self, cmds: mpsc::UnboundedReceiver<CallCommand>) {
         let span = info_span!("call", room = %self.key.room_id, call_id = %self.key.call_id);
-        let reports = self.reports.clone();
-        let key = self.key.clone();
+        // Reports the end even if the task panics, so the runtime never waits for it forever.
+        let _ended = EndedGuard { reports: self.reports.clone(), key: self.key.clone() };
         self.run_inner(cmds).instrument(span).await;
-        let _ = reports.send((key, CallReport::Ended));
     }
 
     fn report(&self, ev: PeerEvent) {
@@ -243,7 +253,18 @@ impl CallMedia {
             }
             RecordAction::TrackLabel { stream_id, track_id, kind, purpose } => {
                 let source = source_of(purpose, kind);
-                let slot = self.slots.iter().find(|(_, s)| s.stream_id == stream_id && s.track_id == track_id);
+                // Ids can repeat (empty without a=msid, or a reopened track): an unlabelled track
+                // of the same kind is the one meant.
+                let media_kind = match kind {
+                    voip1::TrackKind::Audio => MediaKind::Audio,
+                    voip1::TrackKind::Video => MediaKind::Video,
+                };
+                let matches = |s: &Slot| s.stream_id == stream_id && s.track_id == track_id && s.kind == media_kind;
+                let slot = self
+                    .slots
+                    .iter()
+                    .filter(|(_, s)| matches(s))
+                    .min_by_key(|(k, s)| (s.source.is_some(), **k));
                 if let Some((key, _)) = slot {
                     let key = *key;
                     self.label(key, source).await;
@@ -488,9 +509,14 @@ impl CallMedia {
             }
         }
         if self.frames_before_zero > 0 {
-            debug!(frames = self.frames_before_zero, "frames stamped before the recording's first frame were dropped");
+            info!(frames = self.frames_before_zero, "frames stamped before the recording's first frame were dropped");
         }
-        let rec = self.recording.take()?;
+        let Some(rec) = self.recording.take() else {
+            // The room was told the call is recorded; say why there is nothing.
+            return self.caller.as_ref().map(|_| {
+                messages::recording_failed(self.failed.as_deref().unwrap_or("no media arrived from the caller"))
+            });
+        };
         metrics::gauge!(m::ACTIVE_CALLS).decrement(1.0);
         let recording_id = rec.id().clone();
         let finished = match rec.finish().await {
@@ -500,11 +526,15 @@ impl CallMedia {
                 return Some(messages::recording_failed(&short_reason(&e)));
             }
         };
-        if let Some(reason) = &self.failed {
-            warn!(recording = %recording_id, %reason, "the recording stopped early; what was received until then is stored");
-        }
         match self.ctx.saved_notice(&finished).await {
-            Ok(n) => Some(n),
+            Ok(mut n) => {
+                if let Some(reason) = &self.failed {
+                    warn!(recording = %recording_id, %reason, "the recording stopped early; what was received until then is stored");
+                    n.plain.push_str(&format!("\nThe recording stopped early: {reason}."));
+                    n.html.push_str(&format!("<p><b>The recording stopped early</b>: {}.</p>", messages::escape(reason)));
+                }
+                Some(n)
+            }
             Err(e) => {
                 warn!(recording = %recording_id, error = %format!("{e:#}"), "stored, but links could not be issued");
                 Some(messages::recording_failed(&format!(

@@ -115,7 +115,8 @@ pub fn human_bytes(b: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
-fn escape(s: &str) -> String {
+/// Escapes text for the HTML body.
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 

@@ -150,15 +150,28 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     });
 
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    register_handlers(&client, &ctx, allowlist, events_tx);
+    register_handlers(&client, &ctx, allowlist.clone(), events_tx);
+    // The runtime runs before the first sync: the sync's handlers wait on its queue.
+    let runtime = tokio::spawn(runtime::Runtime::new(ctx.clone()).run(events_rx, stop_rx.clone()).instrument(info_span!("voip1")));
     let first = client
         .sync_once(SyncSettings::default().timeout(Duration::from_secs(0)))
         .await
         .context("the first sync with the homeserver failed")?;
+    // Invites a previous run saw but did not get to join are not in any later sync.
+    for room in client.invited_rooms() {
+        let inviter = match room.invite_details().await {
+            Ok(d) => d.inviter_id,
+            Err(e) => {
+                warn!(room = %room.room_id(), error = %e, "cannot read a pending invite");
+                continue;
+            }
+        };
+        let span = info_span!("invite", room = %room.room_id(), inviter = %inviter);
+        answer_invite(room, inviter.as_str(), &allowlist).instrument(span).await;
+    }
     println!("bot: {} device {}", ctx.user_id, ctx.device_id);
     info!(user = %ctx.user_id, device = %ctx.device_id, "bot ready");
 
-    let runtime = tokio::spawn(runtime::Runtime::new(ctx.clone()).run(events_rx, stop_rx.clone()).instrument(info_span!("voip1")));
     let sync_client = client.clone();
     let mut sync = tokio::spawn(async move {
         // `sync` retries on its own after network errors; it only returns on a fatal one.
@@ -207,18 +220,7 @@ fn register_handlers(client: &Client, ctx: &Arc<BotContext>, allowlist: Allowlis
                 return;
             }
             let span = info_span!("invite", room = %room.room_id(), inviter = %ev.sender);
-            async move {
-                if !allowlist.allows(ev.sender.as_str()) {
-                    info!("inviter is not in matrix.allowed_inviters; declining");
-                    if let Err(e) = room.leave().await {
-                        warn!(error = %e, "declining the invite failed");
-                    }
-                    return;
-                }
-                tokio::spawn(join_with_retries(room).in_current_span());
-            }
-            .instrument(span)
-            .await
+            answer_invite(room, ev.sender.as_str(), &allowlist).instrument(span).await
         }
     });
     client.add_event_handler(move |raw: Raw<AnySyncTimelineEvent>, room: Room| {
@@ -238,6 +240,18 @@ fn register_handlers(client: &Client, ctx: &Arc<BotContext>, allowlist: Allowlis
             }
         }
     });
+}
+
+/// Joins (in the background, with retries) when the inviter is allowed, else declines.
+async fn answer_invite(room: Room, inviter: &str, allowlist: &Allowlist) {
+    if !allowlist.allows(inviter) {
+        info!("inviter is not in matrix.allowed_inviters; declining");
+        if let Err(e) = room.leave().await {
+            warn!(error = %e, "declining the invite failed");
+        }
+        return;
+    }
+    tokio::spawn(join_with_retries(room).in_current_span());
 }
 
 async fn join_with_retries(room: Room) {
@@ -277,7 +291,8 @@ struct Unsigned {
     age: Option<i64>,
 }
 
-/// An `m.call.*` event of a joined room, cut down for the runtime; `None` for anything else.
+/// A call event (`m.call.*` and the unstable names js-sdk still sends) of a joined room, cut down
+/// for the runtime; `None` for anything else.
 fn call_event(raw: &Raw<AnySyncTimelineEvent>, room: &Room) -> Option<runtime::CallRoomEvent> {
     let ev: TimelineEvent = match raw.deserialize_as_unchecked() {
         Ok(ev) => ev,
@@ -286,9 +301,14 @@ fn call_event(raw: &Raw<AnySyncTimelineEvent>, room: &Room) -> Option<runtime::C
             return None;
         }
     };
-    if !ev.event_type.starts_with("m.call.") {
+    if room.state() != RoomState::Joined {
+        return None;
+    }
+    if !voip1::events::is_call_event_type(&ev.event_type) {
         if ev.event_type == "m.room.encrypted" {
-            debug!(room = %room.room_id(), sender = %ev.sender, "an event could not be decrypted (yet)");
+            // Handlers do not run again when the key arrives later: a call invite lost this way
+            // rings unanswered, so it is worth a warning.
+            warn!(room = %room.room_id(), sender = %ev.sender, "an event could not be decrypted (no room key shared with the bot's device); if it was a call, it is not answered");
         }
         return None;
     }

@@ -77,6 +77,11 @@ impl Runtime {
                         self.tasks.remove(&key);
                     }
                 },
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
+                    if let Err(e) = done {
+                        warn!(error = %e, "a call task ended abnormally; its recording may be incomplete");
+                    }
+                }
                 () = sleep_until_ms(deadline) => self.calls.handle_input(Input::Tick { now: now() }),
                 changed = shutdown.changed(), if !stopping => {
                     if changed.is_err() || *shutdown.borrow() {

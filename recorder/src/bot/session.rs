@@ -4,13 +4,13 @@
 //! `<data_dir>/matrix`), optionally encrypted with `matrix.store_passphrase`; the session (user,
 //! device id, access token) is saved beside them in `session.json` (mode 0600). A restart restores
 //! that session, so the device and its Olm identity stay the same and rooms keep sharing keys
-//! with it. The crypto store belongs to one device: if the saved token stops working, the bot logs
-//! in again *with the same device id* rather than creating a device the store does not match.
+//! with it. The crypto store belongs to one device: if the saved token stops working (the device
+//! was logged out or deleted), its stores are moved aside and the bot logs in as a new device.
 //!
 //! With a password the bot also bootstraps cross-signing for its account (once), so clients that
 //! only share room keys with cross-signed devices include it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use matrix_sdk::authentication::matrix::MatrixSession;
@@ -35,19 +35,23 @@ pub async fn connect(config: &Config) -> Result<Session> {
     let m = &config.matrix;
     let homeserver = m.homeserver.as_deref().ok_or_else(|| anyhow!("matrix.homeserver is not set"))?;
     let store_dir = config.matrix_store_dir();
-    std::fs::create_dir_all(&store_dir).with_context(|| format!("creating {}", store_dir.display()))?;
-    let client = Client::builder()
-        .homeserver_url(homeserver)
-        .sqlite_store(&store_dir, m.store_passphrase.as_deref())
-        .with_encryption_settings(EncryptionSettings::default())
-        .build()
-        .await
-        .with_context(|| format!("opening the Matrix stores in {}", store_dir.display()))?;
-
     let session_file = store_dir.join("session.json");
-    let saved = read_session(&session_file)?;
-    match saved {
-        Some(session) => restore(&client, m, session, &session_file).await?,
+    let mut client = open_client(homeserver, &store_dir, m).await?;
+    match read_session(&session_file)? {
+        Some(session) => {
+            if let Restored::Revoked = restore(&client, m, session, &session_file).await? {
+                // The device is gone on the server (its token was revoked, by a logout or an
+                // admin): its crypto store cannot be used by another device, so it is kept aside
+                // and the bot logs in as a new device with fresh stores.
+                drop(client);
+                let aside = store_dir.with_extension(format!("revoked-{}", storage::now_ms()));
+                std::fs::rename(&store_dir, &aside)
+                    .with_context(|| format!("moving the revoked device's stores to {}", aside.display()))?;
+                warn!(kept = %aside.display(), "the saved device was revoked; logging in as a new device");
+                client = open_client(homeserver, &store_dir, m).await?;
+                first_login(&client, m, &session_file).await?;
+            }
+        }
         None => first_login(&client, m, &session_file).await?,
     }
     let meta = client.session_meta().ok_or_else(|| anyhow!("no session after login"))?.clone();
@@ -60,6 +64,23 @@ pub async fn connect(config: &Config) -> Result<Session> {
         info!("no password configured: cross-signing is not set up by mxrec");
     }
     Ok(Session { client, user_id: meta.user_id, device_id: meta.device_id })
+}
+
+async fn open_client(homeserver: &str, store_dir: &Path, m: &MatrixConfig) -> Result<Client> {
+    std::fs::create_dir_all(store_dir).with_context(|| format!("creating {}", store_dir.display()))?;
+    Client::builder()
+        .homeserver_url(homeserver)
+        .sqlite_store(store_dir, m.store_passphrase.as_deref())
+        .with_encryption_settings(EncryptionSettings::default())
+        .build()
+        .await
+        .with_context(|| format!("opening the Matrix stores in {}", store_dir.display()))
+}
+
+enum Restored {
+    Ok,
+    /// The homeserver no longer accepts the saved token.
+    Revoked,
 }
 
 fn read_session(path: &Path) -> Result<Option<MatrixSession>> {
@@ -93,7 +114,7 @@ fn save_session(client: &Client, path: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn first_login(client: &Client, m: &MatrixConfig, session_file: &PathBuf) -> Result<()> {
+async fn first_login(client: &Client, m: &MatrixConfig, session_file: &Path) -> Result<()> {
     let user = m.user.as_deref().ok_or_else(|| anyhow!("matrix.user is not set"))?;
     if let Some(token) = &m.access_token {
         let device_id = m.device_id.as_deref().ok_or_else(|| anyhow!("matrix.device_id is needed with an access_token"))?;
@@ -118,7 +139,7 @@ async fn first_login(client: &Client, m: &MatrixConfig, session_file: &PathBuf) 
     save_session(client, session_file)
 }
 
-async fn restore(client: &Client, m: &MatrixConfig, session: MatrixSession, session_file: &PathBuf) -> Result<()> {
+async fn restore(client: &Client, m: &MatrixConfig, session: MatrixSession, session_file: &Path) -> Result<Restored> {
     let device = session.meta.device_id.clone();
     let user = session.meta.user_id.clone();
     if let Some(configured) = m.user.as_deref() {
@@ -135,21 +156,17 @@ async fn restore(client: &Client, m: &MatrixConfig, session: MatrixSession, sess
     match client.whoami().await {
         Ok(_) => {
             info!(%user, %device, "restored the saved session");
-            Ok(())
+            Ok(Restored::Ok)
         }
         Err(e) if is_unknown_token(&e) => {
-            let Some(password) = &m.password else {
-                bail!("the saved access token of {user} was revoked and no matrix.password is configured to log in again");
-            };
-            warn!(%user, %device, "the saved access token was revoked; logging in again with the same device");
-            client
-                .matrix_auth()
-                .login_username(user.as_str(), password)
-                .device_id(device.as_str())
-                .send()
-                .await
-                .context("logging in again with the saved device")?;
-            save_session(client, session_file)
+            if m.password.is_none() {
+                bail!(
+                    "the saved access token of {user} (device {device}) was revoked; configure a new \
+                     matrix.access_token and matrix.device_id, and move {} away",
+                    session_file.parent().unwrap_or(session_file).display()
+                );
+            }
+            Ok(Restored::Revoked)
         }
         Err(e) => Err(e).context("checking the saved session with the homeserver"),
     }
