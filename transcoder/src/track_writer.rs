@@ -268,6 +268,11 @@ impl TrackWriter {
             .as_ref()
             .is_some_and(|seg| frame.pts_us - seg.start_us >= self.segment_us());
         if due {
+            // A live track's clock can step back a few ms (a sender report re-anchors it), so
+            // the last frame's nominal end may lie after this frame: segments must not overlap.
+            if let Some(seg) = self.open.as_mut() {
+                seg.end_us = seg.end_us.min(frame.pts_us);
+            }
             closed.extend(self.close_open()?);
         }
         if self.open.is_none() {

@@ -505,3 +505,33 @@ fn frames_within_one_millisecond_are_written_in_order() {
         assert!(errs.trim().is_empty(), "{}: {errs}", s.path.display());
     }
 }
+
+/// A live audio clock that steps back a few ms (a sender report re-anchoring it) right at a
+/// segment boundary must not make two segments overlap: the manifest refuses overlapping segments,
+/// so one overlap would fail the whole recording's finalization.
+#[test]
+fn audio_clock_stepping_back_at_a_boundary_leaves_no_overlap() {
+    let dir = tmp();
+    let src = fixture(dir.path(), Codec::Opus);
+    let pkts = packets(&src);
+    let mut w = TrackWriter::new(config(dir.path(), Codec::Opus)).unwrap();
+    let mut segs = Vec::new();
+    for (n, p) in pkts.iter().enumerate() {
+        // 20 ms frames; the first at 0, the rest of the first 2 s 19 ms late, later ones 15 ms
+        // late: the first segment's last frame (1.999 s) then ends at 2.019 s, after the start of
+        // the frame that is due to open the second segment (2.015 s).
+        let n = n as i64;
+        let late = match n {
+            0 => 0,
+            1..=99 => 19_000,
+            _ => 15_000,
+        };
+        let f = EncodedFrame { pts_us: n * 20_000 + late, ..frame(p, 0) };
+        segs.extend(w.write(f).unwrap());
+    }
+    segs.extend(w.finish().unwrap());
+    assert!(segs.len() >= 2, "{segs:?}");
+    for pair in segs.windows(2) {
+        assert!(pair[0].end_us <= pair[1].start_us, "segments overlap: {:?} then {:?}", pair[0], pair[1]);
+    }
+}
