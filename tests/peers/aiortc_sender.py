@@ -7,7 +7,8 @@ It offers one video and one audio track, prints the offer as one JSON line on st
 
 The media are made to be measured after recording:
 - video, 640x360 at 30 fps: frame n is mid-grey with n written in binary as 16 black/white 32x32
-  blocks along the top row (bit 15 first); every frame with n % 30 == 0 is all white (the flash);
+  blocks along the top row (bit 15 first); every frame with n % 30 == 0 is all white (the flash)
+  (CounterVideo takes another background colour for matrix_caller.py's screen share);
 - audio, 48 kHz mono: a 1 kHz sine for the first 100 ms of each second, silence otherwise.
 Both tracks count from one shared start time, so flash n*30 and beep n are meant to be
 simultaneous; their RTP timestamps are `frame * 3000` (90 kHz) and `sample` (48 kHz) from that
@@ -58,12 +59,12 @@ class SharedStart:
 class CounterVideo(MediaStreamTrack):
     kind = "video"
 
-    def __init__(self, start: SharedStart):
+    def __init__(self, start: SharedStart, background=(128, 128, 128)):
+        """`background` is the RGB colour behind the counter (mid-grey unless told otherwise)."""
         super().__init__()
         self.start = start
         self.n = 0
-        grey = np.full((HEIGHT, WIDTH, 3), 128, dtype=np.uint8)
-        self.grey = grey
+        self.grey = np.full((HEIGHT, WIDTH, 3), background, dtype=np.uint8)
         self.white = np.full((HEIGHT, WIDTH, 3), 255, dtype=np.uint8)
 
     async def recv(self):

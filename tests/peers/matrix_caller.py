@@ -11,6 +11,11 @@ API calls made with urllib (no SDK), the media side is aiortc (not webrtc-rs). I
    bot's `m.call.candidates`;
 6. once connected, sends the synthetic media of aiortc_sender.py (a frame counter and a white flash
    every second on video, a 1 kHz beep at every flash on audio) for --seconds;
+   with --screen-share-at S, S seconds into the media it also shares a "screen" the way the js-sdk
+   does: a second counter video (blue background, counting from 0) on a new sendonly transceiver
+   with its own stream id, offered in `m.call.negotiate` {description {type "offer"}, lifetime,
+   sdp_stream_metadata: camera stream m.usermedia, new stream m.screenshare}; the bot's
+   `m.call.negotiate` answer must come within 15 s and is applied with setRemoteDescription;
 7. sends `m.call.hangup` (reason user_hangup), closes the peer connection, and keeps syncing until
    the bot posts its "Recording saved:" notice (or "Recording failed:"), or --wait-links passes;
 8. logs out, so repeated runs leave no devices behind.
@@ -22,7 +27,11 @@ stdout gets exactly one JSON line at the end (also when something failed early, 
   {"room_id", "call_id", "caller", "connected_ts_ms", "hangup_ts_ms",
    "recording_notice": {"body", "origin_server_ts", "event_id"} | null,  # "This call is being…"
    "links_notice": {"body", "origin_server_ts", "event_id"} | null,      # "Recording saved: …"
-   "answer_sdp_recvonly": bool, "hangup_by": "caller" | "bot" | null, "error": str | null}
+   "answer_sdp_recvonly": bool,
+   "screen_share": {"negotiated", "answer_recvonly", "stream_id"} | null,  # null without the option
+   "hangup_by": "caller" | "bot" | null, "error": str | null}
+"negotiated" is whether the bot's negotiate answer arrived and was applied, "answer_recvonly"
+whether every media section of that answer is recvonly.
 Timestamps are this machine's wall clock in ms since the epoch. Exit status: 0 when the links notice
 arrived and nothing failed, 1 otherwise (2 for bad arguments). Diagnostics go to stderr.
 """
@@ -52,6 +61,11 @@ from aiortc_sender import SAMPLES_PER_FRAME, BeepAudio, CounterVideo, SharedStar
 SYNC_TIMEOUT_MS = 5_000
 # Attempts of an idempotent request (sync, send) on connection errors, 429 and 5xx.
 RETRIES = 5
+
+# How long the bot may take to answer the screen-share m.call.negotiate offer.
+NEGOTIATE_TIMEOUT = 15.0
+# The screen share's counter video background (RGB): blue, unlike the camera's grey.
+SCREEN_BACKGROUND = (40, 70, 170)
 
 RECORDING_STARTED = "This call is being recorded by "
 RECORDING_SAVED = "Recording saved:"
@@ -260,6 +274,7 @@ class Report:
     recording_notice: dict = None
     links_notice: dict = None
     answer_sdp_recvonly: bool = False
+    screen_share: dict = None
     hangup_by: str = None
     error: str = None
 
@@ -316,12 +331,15 @@ class Call:
         self.opponent = None  # the party_id of the answer taken
         self.early_candidates = defaultdict(list)  # per party_id, before an answer is taken
         self.candidates_added = 0
+        self.screen = None  # the screen-share track, once added
+        self.screen_offered = False  # a negotiate offer waits for its answer
 
         self.bot_joined = asyncio.Event()
         self.bot_refused = asyncio.Event()  # left or was banned while we wait for it
         self.answered = asyncio.Event()
         self.ended_by_bot = asyncio.Event()  # hangup or reject from the bot
         self.connected = asyncio.Event()
+        self.screen_answered = asyncio.Event()  # the bot's negotiate answer was applied
         self.failed = asyncio.Event()
         self.finished = asyncio.Event()  # the "Recording saved:" or "Recording failed:" notice
 
@@ -354,6 +372,31 @@ class Call:
         ))
         log(f"sent m.call.invite {event_id} (call {self.call_id}, party {self.party_id}, "
             f"streams {streams})")
+
+    async def share_screen(self):
+        """Adds the screen-share track on its own sendonly transceiver and stream, and offers it in
+        m.call.negotiate; `_on_negotiate` applies the answer."""
+        stream_id = f"screen-{secrets.token_hex(8)}"
+        self.screen = CounterVideo(SharedStart(), background=SCREEN_BACKGROUND)
+        transceiver = self.pc.addTransceiver(self.screen, "sendonly")
+        transceiver.sender._stream_id = stream_id  # private aiortc attribute, read by createOffer
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        offer = self.pc.localDescription
+        streams = stream_ids(offer.sdp)
+        if stream_id not in streams or len(streams) < 2:
+            raise Failed(f"the screen-share offer has streams {streams}, not the camera's and "
+                         f"{stream_id}", "unknown_error")
+        usermedia = {"purpose": "m.usermedia", "audio_muted": False, "video_muted": False}
+        screenshare = {"purpose": "m.screenshare", "audio_muted": False, "video_muted": False}
+        self.report.screen_share = {"negotiated": False, "answer_recvonly": False, "stream_id": stream_id}
+        self.screen_offered = True
+        event_id = await self.client.send(self.room_id, "m.call.negotiate", self._content(
+            lifetime=60_000,
+            description={"type": offer.type, "sdp": offer.sdp},
+            sdp_stream_metadata={s: screenshare if s == stream_id else usermedia for s in streams},
+        ))
+        log(f"sent m.call.negotiate {event_id} offering screen share stream {stream_id} "
+            f"(streams {streams})")
 
     async def hangup(self, reason: str):
         if self.hung_up:
@@ -389,6 +432,8 @@ class Call:
         party = content.get("party_id")
         if kind == "m.call.answer":
             await self._on_answer(content)
+        elif kind == "m.call.negotiate":
+            await self._on_negotiate(content)
         elif kind == "m.call.candidates":
             for c in content.get("candidates") or []:
                 if self.opponent is None:
@@ -427,6 +472,33 @@ class Call:
             await self._add_candidate(c)
         self.early_candidates.clear()
         self.answered.set()
+
+    async def _on_negotiate(self, content: dict):
+        party = content.get("party_id")
+        description = content.get("description") or {}
+        if party != self.opponent:
+            log(f"ignoring m.call.negotiate from party {party}, not the one answered")
+            return
+        if description.get("type") != "answer":
+            log(f"ignoring an m.call.negotiate of type {description.get('type')!r} from the bot "
+                "(a recording bot should never offer)")
+            return
+        if not self.screen_offered:
+            log("ignoring an m.call.negotiate answer that no offer of ours waits for")
+            return
+        if not description.get("sdp"):
+            raise Failed("the bot's m.call.negotiate answer has no SDP", "unknown_error")
+        self.screen_offered = False
+        recvonly = all_recvonly(description["sdp"])
+        self.report.screen_share["answer_recvonly"] = recvonly
+        log(f"got the m.call.negotiate answer; recvonly: {recvonly}")
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=description["sdp"], type="answer"))
+        except Exception as e:
+            raise Failed(f"setRemoteDescription of the negotiate answer failed: "
+                         f"{type(e).__name__}: {e}", "unknown_error") from e
+        self.report.screen_share["negotiated"] = True
+        self.screen_answered.set()
 
     async def _add_candidate(self, c: dict):
         """Adds one trickled candidate; an empty one is end-of-candidates (None for aiortc).
@@ -492,11 +564,28 @@ async def talk(call: Call, sync: RoomSync, args):
     if call.ended_by_bot.is_set():
         return
     log(f"connected; sending media for {args.seconds} s")
-    await sync.until(call.ended_by_bot, call.failed, timeout=args.seconds)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + args.seconds
+    if args.screen_share_at is not None and not await sync.until(
+            call.ended_by_bot, call.failed, timeout=args.screen_share_at):
+        await share_screen(call, sync)
+    if not (call.ended_by_bot.is_set() or call.failed.is_set()):
+        await sync.until(call.ended_by_bot, call.failed, timeout=max(0.0, end - loop.time()))
     if call.failed.is_set():
         raise Failed("the connection failed during the call", "ice_failed")
-    log(f"sent {call.video.n} video frames, {call.audio.sample // SAMPLES_PER_FRAME} audio frames; "
-        f"{call.candidates_added} trickled candidates passed to aiortc")
+    screen = f", {call.screen.n} screen-share frames" if call.screen else ""
+    log(f"sent {call.video.n} video frames, {call.audio.sample // SAMPLES_PER_FRAME} audio frames"
+        f"{screen}; {call.candidates_added} trickled candidates passed to aiortc")
+
+
+async def share_screen(call: Call, sync: RoomSync):
+    """Offers the screen share and waits for the bot's negotiate answer (or the end of the call)."""
+    await call.share_screen()
+    if not await sync.until(call.screen_answered, call.ended_by_bot, call.failed,
+                            timeout=NEGOTIATE_TIMEOUT):
+        raise Failed(f"no m.call.negotiate answer within {NEGOTIATE_TIMEOUT:g} s", "unknown_error")
+    if call.screen_answered.is_set():
+        log("screen share negotiated")
 
 
 async def call_bot(args, report: Report):
@@ -575,7 +664,13 @@ def parse_args():
                         help="seconds from the answer to a connected peer connection")
     parser.add_argument("--wait-links", type=float, default=90.0,
                         help="seconds after the hangup to wait for the 'Recording saved:' notice")
-    return parser.parse_args()
+    parser.add_argument("--screen-share-at", type=float, metavar="SECONDS",
+                        help="this many seconds into the media, add a screen-share video track and "
+                        "renegotiate with m.call.negotiate (default: no screen share)")
+    args = parser.parse_args()
+    if args.screen_share_at is not None and not 0 <= args.screen_share_at < args.seconds:
+        parser.error("--screen-share-at must be at least 0 and less than --seconds")
+    return args
 
 
 if __name__ == "__main__":
