@@ -440,6 +440,11 @@ mod tests {
                     key: format!("rooms/x/recordings/r/tracks/t1/{i:06}.ogg"),
                 })
                 .collect(),
+            file: Some(FileInfo {
+                key: "rooms/x/recordings/r/t1.webm".into(),
+                bytes: 3702,
+                sha256: "cd".repeat(32),
+            }),
         });
         m.pauses
             .push(Span::from_offsets(EPOCH, 10_000_000, Some(12_000_000)));
