@@ -19,118 +19,16 @@ fn fixture(dir: &Path, codec: Codec) -> std::path::PathBuf {
 
 fn fixture_gop(dir: &Path, codec: Codec, gop: u32) -> std::path::PathBuf {
     let video = "testsrc=s=320x240:r=30:d=7";
-    let gop = gop.to_string();
-    let gop = gop.as_str();
-    let out;
-    match codec {
-        Codec::Opus => {
-            out = p(dir, "in.webm");
-            ffmpeg(&[
-                "-f",
-                "lavfi",
-                "-i",
-                "sine=f=440:d=7",
-                "-ac",
-                "2",
-                "-c:a",
-                "libopus",
-                "-b:a",
-                "64k",
-                out.to_str().unwrap(),
-            ]);
-        }
-        Codec::Vp8 => {
-            out = p(dir, "in.webm");
-            ffmpeg(&[
-                "-f",
-                "lavfi",
-                "-i",
-                video,
-                "-c:v",
-                "libvpx",
-                "-g",
-                gop,
-                "-lag-in-frames",
-                "0",
-                "-deadline",
-                "realtime",
-                "-cpu-used",
-                "8",
-                "-b:v",
-                "400k",
-                out.to_str().unwrap(),
-            ]);
-        }
-        Codec::Vp9 => {
-            out = p(dir, "in.webm");
-            ffmpeg(&[
-                "-f",
-                "lavfi",
-                "-i",
-                video,
-                "-c:v",
-                "libvpx-vp9",
-                "-g",
-                "30",
-                "-lag-in-frames",
-                "0",
-                "-deadline",
-                "realtime",
-                "-cpu-used",
-                "8",
-                "-b:v",
-                "400k",
-                out.to_str().unwrap(),
-            ]);
-        }
-        Codec::H264 => {
-            // MPEG-TS carries H.264 as Annex B, the form WebRTC depacketizers produce.
-            out = p(dir, "in.ts");
-            ffmpeg(&[
-                "-f",
-                "lavfi",
-                "-i",
-                video,
-                "-c:v",
-                "libx264",
-                "-pix_fmt",
-                "yuv420p",
-                "-profile:v",
-                "baseline",
-                "-bf",
-                "0",
-                "-g",
-                "30",
-                "-preset",
-                "veryfast",
-                out.to_str().unwrap(),
-            ]);
-        }
-        Codec::Av1 => {
-            // IVF keeps each temporal unit as-is: OBUs with size fields, sequence header in
-            // every key frame, as an AV1 RTP depacketizer hands them over.
-            out = p(dir, "in.ivf");
-            ffmpeg(&[
-                "-f",
-                "lavfi",
-                "-i",
-                "testsrc=s=256x144:r=30:d=7",
-                "-c:v",
-                "libaom-av1",
-                "-cpu-used",
-                "8",
-                "-usage",
-                "realtime",
-                "-lag-in-frames",
-                "0",
-                "-g",
-                "30",
-                "-b:v",
-                "200k",
-                out.to_str().unwrap(),
-            ]);
-        }
-    }
+    // MPEG-TS carries H.264 as Annex B and IVF keeps AV1 temporal units as they are: the forms
+    // the WebRTC depacketizers hand over.
+    let (name, src) = match codec {
+        Codec::Opus => ("in.webm", "sine=f=440:d=7"),
+        Codec::Vp8 | Codec::Vp9 => ("in.webm", video),
+        Codec::H264 => ("in.ts", video),
+        Codec::Av1 => ("in.ivf", "testsrc=s=256x144:r=30:d=7"),
+    };
+    let out = p(dir, name);
+    encode_gop(&out, codec, src, gop);
     out
 }
 

@@ -187,7 +187,14 @@ pub fn p(dir: &Path, name: &str) -> PathBuf {
 /// container that keeps the packets as the receive path hands them over (`.webm` for VP8 and
 /// Opus, `.ts` for H.264 in Annex B, `.ivf` for AV1).
 pub fn encode(out: &Path, codec: transcoder::Codec, src: &str) {
+    encode_gop(out, codec, src, 30)
+}
+
+/// [`encode`] with a keyframe every `gop` frames (video).
+pub fn encode_gop(out: &Path, codec: transcoder::Codec, src: &str, gop: u32) {
     use transcoder::Codec;
+    let gop = gop.to_string();
+    let gop = gop.as_str();
     let rt = [
         "-deadline",
         "realtime",
@@ -204,7 +211,7 @@ pub fn encode(out: &Path, codec: transcoder::Codec, src: &str) {
             } else {
                 "libvpx-vp9"
             };
-            let mut v = vec!["-c:v", name, "-g", "30", "-b:v", "400k"];
+            let mut v = vec!["-c:v", name, "-g", gop, "-b:v", "400k"];
             v.extend_from_slice(&rt);
             v
         }
@@ -218,7 +225,7 @@ pub fn encode(out: &Path, codec: transcoder::Codec, src: &str) {
             "-bf",
             "0",
             "-g",
-            "30",
+            gop,
             "-preset",
             "veryfast",
         ],
@@ -232,7 +239,7 @@ pub fn encode(out: &Path, codec: transcoder::Codec, src: &str) {
             "-lag-in-frames",
             "0",
             "-g",
-            "30",
+            gop,
             "-b:v",
             "200k",
         ],
