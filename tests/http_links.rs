@@ -414,11 +414,7 @@ async fn s3_links_redirect_to_a_presigned_url_that_serves_the_object() {
     };
     let dir = tempfile::tempdir().unwrap();
     let prefix = format!("http-links-{}", RecordingId::generate());
-    let cfg: storage::StoreConfig = toml::from_str(&format!(
-        "kind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\nallow_http = true\nprefix = \"{prefix}/x\"\n",
-        s3.endpoint, s3.bucket, s3.region
-    ))
-    .unwrap();
+    let cfg = s3.store_config(&format!("{prefix}/x"));
     let store = storage::build_store(&cfg).unwrap();
     let signer = storage::store::build_signer(&cfg).unwrap().expect("S3 presigns");
     let catalog = Catalog::connect(&format!("sqlite://{}", dir.path().join("mxrec.db").display())).await.unwrap();

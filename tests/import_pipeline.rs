@@ -25,32 +25,15 @@ width = 640
 height = 360
 fps = 15
 [storage]
-kind = "s3"
-endpoint = "{endpoint}"
-bucket = "{bucket}"
-region = "{region}"
-allow_http = true
-prefix = "{prefix}"
-[catalog]
+{storage}[catalog]
 url = "{pg}"
 "#,
             data = dir.join("data").display(),
-            endpoint = s3.endpoint,
-            bucket = s3.bucket,
-            region = s3.region,
+            storage = s3.storage_toml(prefix),
         ),
     )
     .unwrap();
     cfg
-}
-
-fn store(s3: &S3, prefix: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
-    let cfg: storage::StoreConfig = toml::from_str(&format!(
-        "kind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\nallow_http = true\nprefix = \"{prefix}\"\n",
-        s3.endpoint, s3.bucket, s3.region
-    ))
-    .unwrap();
-    storage::build_store(&cfg).unwrap()
 }
 
 #[test]
@@ -94,7 +77,7 @@ fn import_stores_verified_tracks_composite_and_catalog_in_s3_and_postgres() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let store = store(&s3, &prefix);
+        let store = harness::s3_store(&s3, &prefix);
         let catalog = Catalog::connect(&pg).await.unwrap();
         let rec = catalog.get_recording(&recording).await.unwrap().expect("recording in the catalog");
         assert_eq!(rec.state, RecordingState::Uploaded);

@@ -16,6 +16,21 @@ pub struct S3 {
     pub region: String,
 }
 
+impl S3 {
+    /// The keys of a `[storage]` section for this server under `prefix` (credentials come from
+    /// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`).
+    pub fn storage_toml(&self, prefix: &str) -> String {
+        format!(
+            "kind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\nallow_http = true\nprefix = \"{prefix}\"\n",
+            self.endpoint, self.bucket, self.region
+        )
+    }
+
+    pub fn store_config(&self, prefix: &str) -> storage::StoreConfig {
+        toml::from_str(&self.storage_toml(prefix)).unwrap()
+    }
+}
+
 pub fn s3() -> Option<S3> {
     Some(S3 {
         endpoint: std::env::var("MXREC_S3_ENDPOINT").ok()?,
@@ -455,13 +470,7 @@ bind_addrs = ["127.0.0.1:0"]
 bind = "127.0.0.1:{port}"
 public_url = "{base}"
 [storage]
-kind = "s3"
-endpoint = "{endpoint}"
-bucket = "{bucket}"
-region = "{region}"
-allow_http = true
-prefix = "{prefix}"
-"#,
+{storage}"#,
                 data = self.data_dir.display(),
                 hs = self.homeserver,
                 user = self.user,
@@ -469,10 +478,7 @@ prefix = "{prefix}"
                 inviters = inviters.join(", "),
                 port = self.http_port,
                 base = self.http_base(),
-                endpoint = self.s3.endpoint,
-                bucket = self.s3.bucket,
-                region = self.s3.region,
-                prefix = self.prefix,
+                storage = self.s3.storage_toml(self.prefix),
             ),
         )
         .unwrap();
@@ -708,12 +714,7 @@ pub fn presigned_key(s3: &S3, prefix: &str, url: &str) -> Option<String> {
 
 /// The store the bot writes to (same S3 env, same prefix).
 pub fn s3_store(s3: &S3, prefix: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
-    let cfg: storage::StoreConfig = toml::from_str(&format!(
-        "kind = \"s3\"\nendpoint = \"{}\"\nbucket = \"{}\"\nregion = \"{}\"\nallow_http = true\nprefix = \"{prefix}\"\n",
-        s3.endpoint, s3.bucket, s3.region
-    ))
-    .unwrap();
-    storage::build_store(&cfg).unwrap()
+    storage::build_store(&s3.store_config(prefix)).unwrap()
 }
 
 /// Everything after the links notice of a recorded 1:1 call, checked as a user and an auditor
