@@ -3,7 +3,8 @@
 # Used by `make demo` and `make test`, so a fresh machine needs no manual step.
 #   install-deps.sh           build deps (FFmpeg dev libraries, clang, pkg-config, fonts) and what
 #                             the demo's Synapse and aiortc venvs need (python3-venv, curl, ss)
-#   install-deps.sh --test    plus the test servers: PostgreSQL and Garage (S3)
+#   install-deps.sh --test    plus the test servers: PostgreSQL, Garage (S3) and LiveKit (built
+#                             with Go >= 1.26, which must already be installed: Debian's is older)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -27,4 +28,5 @@ command -v cargo >/dev/null || { echo "install-deps: cargo not found; install Ru
 
 if [[ "${1:-}" == "--test" ]]; then
   "$here/garage.sh" install
+  "$here/livekit.sh" build
 fi

@@ -12,6 +12,12 @@
 # ~/.cache/mxrec/synapse-venv), installed when missing or at another version. State (generated
 # config, signing key, SQLite database, media, log, pid, shared secret) lives in $MXREC_SYNAPSE_DIR
 # (default ~/.cache/mxrec/synapse-state). The client port is $MXREC_SYNAPSE_PORT (default 18008).
+# MatrixRTC is on: MSC4143 (`/_matrix/client/unstable/org.matrix.msc4143/rtc/transports` and
+# `org.matrix.msc4143.rtc_foci` in /.well-known/matrix/client, both naming one LiveKit JWT service
+# at $MXREC_RTC_SERVICE_URL, default http://127.0.0.1:$MXREC_RTC_SERVICE_PORT = 18090, which
+# deploy/dev/livekit.sh runs), MSC4140 delayed events (up to 24 h), MSC4354 sticky events; the
+# listener also serves the `openid` resource (/_matrix/federation/v1/openid/userinfo) so that JWT
+# service can check OpenID tokens.
 # Every command is quiet on success; failures say what went wrong on stderr and exit non-zero.
 set -euo pipefail
 
@@ -27,6 +33,7 @@ LOG=$STATE/synapse.out
 SECRET_FILE=$STATE/registration-shared-secret
 PY=$VENV/bin/python
 URL=http://127.0.0.1:$PORT
+RTC_SERVICE_URL=${MXREC_RTC_SERVICE_URL:-http://127.0.0.1:${MXREC_RTC_SERVICE_PORT:-18090}}
 
 die() { echo "synapse.sh: $*" >&2; exit 1; }
 
@@ -69,8 +76,16 @@ listeners:
     tls: false
     x_forwarded: false
     bind_addresses: ['127.0.0.1']
-    resources: [{names: [client], compress: false}]
+    resources: [{names: [client, openid], compress: false}]
 registration_shared_secret: "$s"
+public_baseurl: $URL/
+serve_client_wellknown: true
+experimental_features: {msc4143_enabled: true, msc4354_enabled: true}
+max_event_delay_duration: 24h
+matrix_rtc:
+  transports: [{type: livekit, livekit_service_url: "$RTC_SERVICE_URL"}]
+extra_well_known_client_content:
+  org.matrix.msc4143.rtc_foci: [{type: livekit, livekit_service_url: "$RTC_SERVICE_URL"}]
 enable_registration: false
 trusted_key_servers: []
 suppress_key_server_warning: true
