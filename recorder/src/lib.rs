@@ -19,6 +19,7 @@ pub mod export;
 pub mod http;
 pub mod import;
 pub mod logging;
+pub mod matrixrtc;
 pub mod peer;
 pub mod pipeline;
 pub mod timeline;

@@ -287,6 +287,20 @@ impl Recording {
         self.timeline.set_muted(track, muted, at_us);
     }
 
+    /// Marks where a track's media could not be decrypted (E2EE frames without a usable key):
+    /// the manifest lists those spans; no media of them is written.
+    pub fn set_undecryptable(&mut self, track: &str, undecryptable: bool, at_us: i64) {
+        self.timeline.set_undecryptable(track, undecryptable, at_us);
+    }
+
+    /// Ends one track before the recording ends (a screen share stopped, a track unpublished):
+    /// its writer closes its last segment now; later frames for it are refused.
+    pub async fn end_track(&mut self, track: &str) -> Result<()> {
+        let Some(w) = self.tracks.get_mut(track).and_then(|t| t.writer.take()) else { return Ok(()) };
+        let closed = w.finish().with_context(|| format!("closing track {track}"))?;
+        self.segments_closed(track, closed).await
+    }
+
     /// Registers a track and opens its segment writer; returns the track id used in keys and the
     /// manifest.
     pub async fn add_track(&mut self, info: TrackInfo) -> Result<String> {
@@ -519,7 +533,12 @@ impl Recording {
                     .iter()
                     .map(|s| Span::from_offsets(epoch, s.start_us, Some(s.end_us)))
                     .collect(),
-                undecryptable: Vec::new(),
+                undecryptable: self
+                    .timeline
+                    .undecryptable(id, end_us)
+                    .iter()
+                    .map(|s| Span::from_offsets(epoch, s.start_us, Some(s.end_us)))
+                    .collect(),
                 file: None,
                 segments: t
                     .segments

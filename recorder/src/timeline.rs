@@ -60,6 +60,7 @@ impl Edges {
 pub struct Timeline {
     presence: BTreeMap<String, Edges>,
     mutes: BTreeMap<String, Edges>,
+    undecryptable: BTreeMap<String, Edges>,
     pauses: Edges,
 }
 
@@ -85,6 +86,21 @@ impl Timeline {
         } else {
             e.off(at_us)
         }
+    }
+
+    /// A track's frames stopped (or started again) being decryptable: no media was recorded for
+    /// the time it was on.
+    pub fn set_undecryptable(&mut self, track: &str, undecryptable: bool, at_us: i64) {
+        let e = self.undecryptable.entry(track.to_string()).or_default();
+        if undecryptable {
+            e.on(at_us)
+        } else {
+            e.off(at_us)
+        }
+    }
+
+    pub fn undecryptable(&self, track: &str, end_us: i64) -> Vec<Span> {
+        self.undecryptable.get(track).map(|e| e.spans(end_us)).unwrap_or_default()
     }
 
     pub fn set_paused(&mut self, paused: bool, at_us: i64) {
@@ -157,6 +173,9 @@ mod tests {
         let mut t = Timeline::default();
         t.set_muted("a/cam", true, 10);
         t.set_muted("a/cam", false, 20);
+        t.set_undecryptable("a/cam", true, 12);
+        t.set_undecryptable("a/cam", false, 14);
+        assert_eq!(t.undecryptable("a/cam", 100), vec![s(12, 14)]);
         t.set_paused(true, 15);
         assert!(t.is_paused());
         t.set_paused(false, 25);

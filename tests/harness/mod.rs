@@ -39,6 +39,45 @@ pub fn s3() -> Option<S3> {
     })
 }
 
+/// The LiveKit SFU that deploy/dev/livekit.sh starts (`livekit.sh env`).
+#[derive(Debug, Clone)]
+pub struct LiveKit {
+    pub url: String,
+    pub key: String,
+    pub secret: String,
+    /// The JWT service stand-in (tests/peers/lk_jwt_standin.py) in front of it.
+    pub service_url: String,
+}
+
+pub fn livekit() -> Option<LiveKit> {
+    Some(LiveKit {
+        url: std::env::var("MXREC_TEST_LIVEKIT_URL").ok()?,
+        key: std::env::var("MXREC_TEST_LIVEKIT_KEY").ok()?,
+        secret: std::env::var("MXREC_TEST_LIVEKIT_SECRET").ok()?,
+        service_url: std::env::var("MXREC_TEST_RTC_SERVICE_URL").ok()?,
+    })
+}
+
+impl LiveKit {
+    /// A token that may publish and subscribe in `room` (what the JWT service gives members).
+    pub fn member_token(&self, room: &str, identity: &str) -> String {
+        use livekit_api::access_token::{AccessToken, VideoGrants};
+        AccessToken::with_api_key(&self.key, &self.secret)
+            .with_identity(identity)
+            .with_name(identity)
+            .with_grants(VideoGrants {
+                room_join: true,
+                room: room.to_owned(),
+                can_publish: Some(true),
+                can_subscribe: Some(true),
+                can_publish_data: Some(true),
+                ..Default::default()
+            })
+            .to_jwt()
+            .expect("mint a member token")
+    }
+}
+
 pub fn postgres_url() -> Option<String> {
     std::env::var("MXREC_TEST_POSTGRES_URL").ok()
 }

@@ -30,6 +30,13 @@ pub const UPLOADS: &str = "mxrec_uploads_total";
 pub const UPLOADS_FAILED: &str = "mxrec_uploads_failed_total";
 pub const UPLOAD_RETRIES: &str = "mxrec_upload_retries_total";
 pub const UPLOAD_BYTES: &str = "mxrec_upload_bytes_total";
+/// E2EE media frames decrypted (MatrixRTC).
+pub const FRAMES_DECRYPTED: &str = "mxrec_e2ee_frames_decrypted_total";
+/// E2EE media frames that could not be decrypted and were dropped, labelled by `cause`.
+pub const FRAMES_UNDECRYPTABLE: &str = "mxrec_e2ee_frames_undecryptable_total";
+/// Causes of [`FRAMES_UNDECRYPTABLE`] (`DecryptError::cause`).
+pub const UNDECRYPTABLE_CAUSES: [&str; 6] =
+    ["missing_key", "key_invalid", "auth_failed", "malformed", "unsupported_codec", "server_injected"];
 /// Requests on share links, labelled by `outcome`.
 pub const LINK_FETCHES: &str = "mxrec_link_fetches_total";
 
@@ -77,10 +84,15 @@ fn describe_metrics() {
         (UPLOADS_FAILED, Unit::Count, "Uploads that failed every attempt; their files stay in the spool."),
         (UPLOAD_RETRIES, Unit::Count, "Upload attempts that were retried after a failure."),
         (UPLOAD_BYTES, Unit::Bytes, "Bytes uploaded and verified in the object store."),
+        (FRAMES_DECRYPTED, Unit::Count, "End-to-end encrypted media frames decrypted."),
     ];
     for (name, unit, help) in counters {
         describe_counter!(name, unit, help);
         metrics::counter!(name).increment(0);
+    }
+    describe_counter!(FRAMES_UNDECRYPTABLE, Unit::Count, "Encrypted media frames dropped undecrypted, by cause.");
+    for cause in UNDECRYPTABLE_CAUSES {
+        metrics::counter!(FRAMES_UNDECRYPTABLE, "cause" => cause).increment(0);
     }
     describe_counter!(LINK_FETCHES, Unit::Count, "Requests on share links, by outcome.");
     for outcome in LINK_OUTCOMES {
