@@ -163,7 +163,8 @@ async fn livekit_publishers_are_received_decrypted_and_recorded() {
                         let frame = if t.encrypted {
                             let k = keys.entry(t.identity.clone()).or_default();
                             match recorder::matrixrtc::decrypt_frame(k, t.codec, frame, &sif) {
-                                Ok(f) => f,
+                                Ok(Some(f)) => f,
+                                Ok(None) => continue,
                                 Err(e) => { *t.refused.entry(e.cause()).or_default() += 1; continue; }
                             }
                         } else { frame };

@@ -29,6 +29,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "http",
     "matrix",
     "webrtc",
+    "matrixrtc",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +47,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub matrix: MatrixConfig,
     pub webrtc: WebrtcConfig,
+    pub matrixrtc: MatrixRtcConfig,
 }
 
 impl Default for Config {
@@ -61,6 +63,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             matrix: MatrixConfig::default(),
             webrtc: WebrtcConfig::default(),
+            matrixrtc: MatrixRtcConfig::default(),
         }
     }
 }
@@ -264,6 +267,68 @@ impl Default for WebrtcConfig {
     }
 }
 
+/// MatrixRTC calls (Element Call / Element X over LiveKit) that the bot records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatrixRtcConfig {
+    /// Rooms (ids) whose MatrixRTC calls are recorded from the moment they start, for as long
+    /// as they run. `mxrec record --room` asks a running bot for one call of any joined room.
+    pub record_rooms: Vec<String>,
+    /// SFUs the bot may mint its own LiveKit tokens for. A call whose focus
+    /// (`livekit_service_url`) is not listed is joined through that JWT service with a Matrix
+    /// OpenID token, as Element Call does.
+    pub livekit: Vec<LiveKitCredentials>,
+    /// The bot's call membership is removed by the homeserver this long after the bot stops
+    /// refreshing it (MSC4140 delayed leave; refreshed every third of it).
+    pub delayed_leave_ms: u64,
+    /// `expires` of the bot's legacy membership event.
+    pub membership_expires_ms: u64,
+}
+
+impl Default for MatrixRtcConfig {
+    fn default() -> Self {
+        Self {
+            record_rooms: Vec::new(),
+            livekit: Vec::new(),
+            delayed_leave_ms: 10_000,
+            membership_expires_ms: 4 * 3600 * 1000,
+        }
+    }
+}
+
+/// A LiveKit deployment mxrec has the API key of.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveKitCredentials {
+    /// The `livekit_service_url` the room's members advertise for this SFU (`*`: any focus).
+    pub service_url: String,
+    /// The SFU's websocket URL, e.g. `wss://livekit.example.org`.
+    pub url: String,
+    pub api_key: String,
+    pub api_secret: String,
+}
+
+impl std::fmt::Debug for LiveKitCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveKitCredentials")
+            .field("service_url", &self.service_url)
+            .field("url", &self.url)
+            .field("api_key", &self.api_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MatrixRtcConfig {
+    /// The credentials for a focus, if mxrec has them.
+    pub fn credentials_for(&self, service_url: &str) -> Option<&LiveKitCredentials> {
+        let norm = |u: &str| u.trim_end_matches('/').to_owned();
+        self.livekit
+            .iter()
+            .find(|c| norm(&c.service_url) == norm(service_url))
+            .or_else(|| self.livekit.iter().find(|c| c.service_url == "*"))
+    }
+}
+
 /// One thing wrong with a configuration, with the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -360,6 +425,26 @@ impl Config {
             if !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")) {
                 bad("webrtc.ice_servers", format!("`{u}` is not a stun:/turn:/turns: URL"));
             }
+        }
+        let r = &self.matrixrtc;
+        for room in &r.record_rooms {
+            if !room.starts_with('!') || !room.contains(':') {
+                bad("matrixrtc.record_rooms", format!("`{room}` is not a room id like !abc:example.org"));
+            }
+        }
+        for c in &r.livekit {
+            if !(c.url.starts_with("ws://") || c.url.starts_with("wss://")) {
+                bad("matrixrtc.livekit.url", format!("`{}` is not a ws:// or wss:// URL", c.url));
+            }
+            if c.api_key.is_empty() || c.api_secret.is_empty() {
+                bad("matrixrtc.livekit", format!("the credentials for `{}` need api_key and api_secret", c.service_url));
+            }
+        }
+        if !(2_000..=600_000).contains(&r.delayed_leave_ms) {
+            bad("matrixrtc.delayed_leave_ms", format!("{} is outside 2000..=600000", r.delayed_leave_ms));
+        }
+        if r.membership_expires_ms < 60_000 {
+            bad("matrixrtc.membership_expires_ms", format!("{} is under a minute", r.membership_expires_ms));
         }
         out
     }

@@ -64,6 +64,16 @@ enum Command {
     /// Run the recording bot (`[matrix]` section) together with the HTTP server until SIGINT or
     /// SIGTERM; then hang up every call, store the recordings and exit.
     Run,
+    /// Ask the running bot (same configuration: its control socket is `<data_dir>/mxrec.sock`) to
+    /// record the MatrixRTC call of a room it is in, now or when the next one starts.
+    Record {
+        /// The room's id, e.g. '!abc:example.org'.
+        #[arg(long)]
+        room: String,
+        /// Stop recording that room's call instead (the recording is stored and linked).
+        #[arg(long)]
+        stop: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -183,6 +193,19 @@ async fn run(command: Command, config: Config) -> Result<()> {
         Command::Links { command } => links(command, &config).await,
         Command::Serve => serve(&config).await,
         Command::Run => recorder::bot::run(config, recorder::http::shutdown_signal()).await,
+        Command::Record { room, stop } => {
+            use recorder::bot::control;
+            let req = control::Request { cmd: "record".into(), room, stop };
+            let reply = control::request(&control::socket_path(&config), &req).await?;
+            match (reply.ok, reply.message, reply.error) {
+                (true, Some(m), _) => {
+                    println!("{m}");
+                    Ok(())
+                }
+                (_, _, Some(e)) => Err(anyhow::anyhow!("{e}")),
+                _ => Err(anyhow::anyhow!("the bot gave an empty answer")),
+            }
+        }
     }
 }
 

@@ -16,8 +16,10 @@
 
 mod allowlist;
 pub mod call;
+pub mod control;
 pub mod messages;
 pub mod outbox;
+pub mod rtc;
 pub mod runtime;
 pub mod session;
 
@@ -28,7 +30,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
-use matrix_sdk::ruma::events::AnySyncTimelineEvent;
+use matrix_sdk::ruma::events::{AnySyncStateEvent, AnySyncTimelineEvent, AnyToDeviceEvent, StateEventType};
 use matrix_sdk::ruma::serde::Raw;
 use matrix_sdk::ruma::{OwnedDeviceId, OwnedRoomId, OwnedUserId, UserId};
 use matrix_sdk::{Client, Room, RoomMemberships, RoomState};
@@ -150,9 +152,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     });
 
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    register_handlers(&client, &ctx, allowlist.clone(), events_tx);
-    // The runtime runs before the first sync: the sync's handlers wait on its queue.
+    let (rtc_tx, rtc_rx) = mpsc::channel(EVENT_QUEUE);
+    register_handlers(&client, &ctx, allowlist.clone(), events_tx, rtc_tx.clone());
+    // The runtimes run before the first sync: the sync's handlers wait on their queues.
     let runtime = tokio::spawn(runtime::Runtime::new(ctx.clone()).run(events_rx, stop_rx.clone()).instrument(info_span!("voip1")));
+    let rtc_runtime =
+        tokio::spawn(rtc::RtcRuntime::new(ctx.clone()).run(rtc_rx, stop_rx.clone()).instrument(info_span!("matrixrtc")));
+    let control = control::serve(&config, rtc_tx.clone(), stop_rx.clone()).await?;
     let first = client
         .sync_once(SyncSettings::default().timeout(Duration::from_secs(0)))
         .await
@@ -168,6 +174,10 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         };
         let span = info_span!("invite", room = %room.room_id(), inviter = %inviter);
         answer_invite(room, inviter.as_str(), &allowlist).instrument(span).await;
+    }
+    // Calls already running in the bot's rooms, from the state the first sync stored.
+    for room in client.joined_rooms() {
+        feed_call_state(&room, &rtc_tx).await;
     }
     println!("bot: {} device {}", ctx.user_id, ctx.device_id);
     info!(user = %ctx.user_id, device = %ctx.device_id, "bot ready");
@@ -193,6 +203,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     if let Err(e) = runtime.await {
         warn!(error = %e, "the call runtime ended abnormally");
     }
+    drop(rtc_tx);
+    if let Err(e) = rtc_runtime.await {
+        warn!(error = %e, "the MatrixRTC runtime ended abnormally");
+    }
+    if let Some(c) = control {
+        c.abort();
+    }
     drop(ctx);
     match http_task.await {
         Ok(Err(e)) => warn!(error = %e, "the HTTP server failed"),
@@ -210,7 +227,13 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-fn register_handlers(client: &Client, ctx: &Arc<BotContext>, allowlist: Allowlist, events: mpsc::Sender<runtime::CallRoomEvent>) {
+fn register_handlers(
+    client: &Client,
+    ctx: &Arc<BotContext>,
+    allowlist: Allowlist,
+    events: mpsc::Sender<runtime::CallRoomEvent>,
+    rtc: mpsc::Sender<rtc::RtcInput>,
+) {
     let me = ctx.user_id.clone();
     client.add_event_handler(move |ev: StrippedRoomMemberEvent, room: Room| {
         let me = me.clone();
@@ -223,9 +246,34 @@ fn register_handlers(client: &Client, ctx: &Arc<BotContext>, allowlist: Allowlis
             answer_invite(room, ev.sender.as_str(), &allowlist).instrument(span).await
         }
     });
+    let rtc_state = rtc.clone();
+    client.add_event_handler(move |raw: Raw<AnySyncStateEvent>, room: Room| {
+        let rtc = rtc_state.clone();
+        async move {
+            if let Ok(ev) = raw.deserialize_as_unchecked::<TimelineEvent>() {
+                rtc_state_event(ev, &room, &rtc).await;
+            }
+        }
+    });
+    let rtc_keys = rtc.clone();
+    client.add_event_handler(move |raw: Raw<AnyToDeviceEvent>| {
+        let rtc = rtc_keys.clone();
+        async move {
+            let Ok(ev) = raw.deserialize_as_unchecked::<ToDevice>() else { return };
+            if ev.event_type == crate::matrixrtc::session::ENCRYPTION_KEYS_EVENT_TYPE {
+                let _ = rtc.send(rtc::RtcInput::ToDeviceKeys { sender: ev.sender, content: ev.content }).await;
+            }
+        }
+    });
     client.add_event_handler(move |raw: Raw<AnySyncTimelineEvent>, room: Room| {
         let events = events.clone();
+        let rtc = rtc.clone();
         async move {
+            if let Ok(ev) = raw.deserialize_as_unchecked::<TimelineEvent>() {
+                if room.state() == RoomState::Joined {
+                    rtc_timeline_event(ev, &room, &rtc).await;
+                }
+            }
             let Some(mut ev) = call_event(&raw, &room) else { return };
             if ev.event_type == "m.call.invite" {
                 // The sync summary's count can lag behind (0 right after joining); the member list
@@ -272,11 +320,92 @@ async fn join_with_retries(room: Room) {
     }
 }
 
+/// Whether a user is joined to a room, as the store knows it.
+async fn is_joined(room: &Room, user: &str) -> bool {
+    let Ok(user_id) = <&UserId>::try_from(user) else { return false };
+    matches!(room.get_member_no_sync(user_id).await, Ok(Some(m)) if *m.membership() == MembershipState::Join)
+}
+
+/// State events the MatrixRTC runtime follows: call memberships and room member changes.
+async fn rtc_state_event(ev: TimelineEvent, room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
+    let Some(state_key) = ev.state_key.clone() else { return };
+    let room_id = room.room_id().to_owned();
+    let input = match ev.event_type.as_str() {
+        crate::matrixrtc::session::LEGACY_MEMBER_EVENT_TYPE => {
+            let sender_joined = is_joined(room, &ev.sender).await;
+            rtc::RtcInput::LegacyMember { room: room_id, state_key, sender: ev.sender, ts: ev.origin_server_ts, content: ev.content, sender_joined }
+        }
+        "m.room.member" => {
+            let joined = ev.content.get("membership").and_then(|m| m.as_str()) == Some("join");
+            rtc::RtcInput::Membership { room: room_id, user: state_key, joined }
+        }
+        _ => return,
+    };
+    if rtc.send(input).await.is_err() {
+        debug!("the MatrixRTC runtime has stopped; dropping an event");
+    }
+}
+
+/// Timeline events the MatrixRTC runtime follows: sticky memberships, room-event keys, and
+/// state events (also delivered to the state handler; applying one twice changes nothing).
+async fn rtc_timeline_event(ev: TimelineEvent, room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
+    use crate::matrixrtc::session::{ENCRYPTION_KEYS_EVENT_TYPE, RTC_MEMBER_EVENT_TYPE};
+    let room_id = room.room_id().to_owned();
+    if ev.state_key.is_some() {
+        return rtc_state_event(ev, room, rtc).await;
+    }
+    let input = match ev.event_type.as_str() {
+        RTC_MEMBER_EVENT_TYPE => {
+            let sender_joined = is_joined(room, &ev.sender).await;
+            rtc::RtcInput::StickyMember { room: room_id, sender: ev.sender, ts: ev.origin_server_ts, content: ev.content, sticky_ms: None, sender_joined }
+        }
+        ENCRYPTION_KEYS_EVENT_TYPE => rtc::RtcInput::RoomKeys { room: room_id, sender: ev.sender, ts: ev.origin_server_ts, content: ev.content },
+        _ => return,
+    };
+    if rtc.send(input).await.is_err() {
+        debug!("the MatrixRTC runtime has stopped; dropping an event");
+    }
+}
+
+/// The call memberships and joined members a room's stored state holds (at start, after the
+/// first sync).
+async fn feed_call_state(room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
+    let ty = StateEventType::from(crate::matrixrtc::session::LEGACY_MEMBER_EVENT_TYPE);
+    let events = match room.get_state_events(ty).await {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(room = %room.room_id(), error = %e, "cannot read the room's call memberships");
+            return;
+        }
+    };
+    for raw in events {
+        let json = match raw {
+            matrix_sdk::deserialized_responses::RawAnySyncOrStrippedState::Sync(r) => r.json().get().to_owned(),
+            matrix_sdk::deserialized_responses::RawAnySyncOrStrippedState::Stripped(_) => continue,
+        };
+        if let Ok(ev) = serde_json::from_str::<TimelineEvent>(&json) {
+            rtc_state_event(ev, room, rtc).await;
+        }
+    }
+}
+
+/// The fields of a to-device event the bot reads.
+#[derive(Deserialize)]
+struct ToDevice {
+    #[serde(rename = "type")]
+    event_type: String,
+    sender: String,
+    #[serde(default)]
+    content: serde_json::Value,
+}
+
 /// The fields of a timeline event the call machine reads; content stays raw JSON.
 #[derive(Deserialize)]
 struct TimelineEvent {
     #[serde(rename = "type")]
     event_type: String,
+    #[serde(default)]
+    state_key: Option<String>,
     sender: String,
     #[serde(default)]
     content: serde_json::Value,

@@ -27,18 +27,25 @@ pub fn frame_codec(c: Codec) -> FrameCodec {
     }
 }
 
-/// Decrypts one whole frame of an encrypted LiveKit track with its participant's keys. Frames
-/// the SFU injected (blank SIF frames) and unencrypted ones pass through as they are; the error
-/// says why a frame cannot be recorded (it must then be dropped, never written).
+/// Decrypts one whole frame of an encrypted LiveKit track with its participant's keys.
+/// `Ok(None)` for a blank frame the SFU injected (SIF: an 8x8 VP8 key frame, silence…, sent
+/// while a track is paused or switching): it is not the participant's media and is not recorded.
+/// The error says why a frame cannot be recorded (it must then be dropped, never written).
 pub fn decrypt_frame(
     keys: &mut ParticipantKeys,
     codec: Codec,
     frame: EncodedFrame,
     sif_trailer: &[u8],
-) -> Result<EncodedFrame, DecryptError> {
-    let clear = keys.decrypt_frame(frame_codec(codec), &frame.data, sif_trailer)?;
-    let data = match clear {
-        Decrypted::Plain(v) | Decrypted::PassThrough(v) | Decrypted::InjectedBlank(v) => v,
+) -> Result<Option<EncodedFrame>, DecryptError> {
+    let data = match keys.decrypt_frame(frame_codec(codec), &frame.data, sif_trailer)? {
+        Decrypted::Plain(v) | Decrypted::PassThrough(v) => v,
+        Decrypted::InjectedBlank(_) => return Ok(None),
     };
-    Ok(EncodedFrame { data: Bytes::from(data), ..frame })
+    Ok(Some(EncodedFrame { data: Bytes::from(data), ..frame }))
+}
+
+/// Whether a frame of an unencrypted track was injected by the SFU (it ends with the join's
+/// `sif_trailer`); such frames are placeholders, not media.
+pub fn is_server_injected(frame: &[u8], sif_trailer: &[u8]) -> bool {
+    !sif_trailer.is_empty() && frame.len() > sif_trailer.len() && frame.ends_with(sif_trailer)
 }

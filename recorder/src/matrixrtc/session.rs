@@ -861,6 +861,10 @@ pub struct RtcSession {
     now_ms: u64,
     joined: HashSet<String>,
     legacy: HashMap<String, StoredLegacy>,
+    /// Newest origin_server_ts seen per legacy state key, leaves included: a sync can hand the
+    /// room state from before its timeline to the handlers after the timeline's newer events,
+    /// and that older membership must not come back.
+    legacy_seen: HashMap<String, u64>,
     sticky: HashMap<(String, String), StoredSticky>,
     /// Newest origin_server_ts seen per (sender, sticky key), leaves included, so that an older
     /// event arriving late doesn't resurrect a membership.
@@ -878,6 +882,7 @@ impl RtcSession {
             now_ms: 0,
             joined: HashSet::new(),
             legacy: HashMap::new(),
+            legacy_seen: HashMap::new(),
             sticky: HashMap::new(),
             sticky_seen: HashMap::new(),
             current: BTreeMap::new(),
@@ -923,6 +928,16 @@ impl RtcSession {
         content: &Value,
         now_ms: u64,
     ) -> Result<()> {
+        match self.legacy_seen.get(state_key) {
+            Some(&seen) if origin_server_ts < seen => {
+                tracing::debug!(room = %self.room_id, state_key, "older call member state than one already applied; ignored");
+                self.advance(now_ms);
+                return Ok(());
+            }
+            _ => {
+                self.legacy_seen.insert(state_key.to_owned(), origin_server_ts);
+            }
+        }
         match parse_legacy_member(state_key, sender, origin_server_ts, content) {
             Ok(ev) => {
                 self.apply_legacy(ev, now_ms);
@@ -2020,6 +2035,20 @@ mod tests {
     }
 
     // --- session ---
+
+    #[test]
+    fn an_older_legacy_event_does_not_undo_a_newer_leave() {
+        let mut s = session();
+        let join = legacy("A1", URL, "multi_sfu", T0);
+        s.handle_legacy_state_event(&sk(ALICE, "A1"), ALICE, T0, &join, T0).unwrap();
+        s.handle_legacy_state_event(&sk(ALICE, "A1"), ALICE, T0 + 5_000, &json!({}), T0 + 5_000).unwrap();
+        drain(&mut s);
+        // The sync's pre-timeline state (the join) reaches the handlers after the leave.
+        s.handle_legacy_state_event(&sk(ALICE, "A1"), ALICE, T0, &join, T0 + 5_001).unwrap();
+        assert!(drain(&mut s).is_empty());
+        assert!(s.members().is_empty());
+        assert!(!s.is_active());
+    }
 
     #[test]
     fn legacy_join_update_leave() {

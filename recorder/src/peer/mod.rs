@@ -330,7 +330,7 @@ impl RecvPeer {
         )
         .await
         .is_ok_and(|r| r.is_ok());
-        if !complete {
+        if !complete && !self.shared.cfg.gather_timeout.is_zero() {
             tracing::warn!(
                 timeout = ?self.shared.cfg.gather_timeout,
                 "ICE gathering not complete; answering with the candidates gathered so far, the rest will be trickled"

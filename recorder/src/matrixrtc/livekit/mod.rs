@@ -208,6 +208,9 @@ impl Joined {
             .map_err(|e| SfuError::Signal(e.to_string()))?;
         let mut pc = PeerConfig::new(cfg.bind_addrs.clone(), cfg.epoch);
         pc.ice_servers = ice_servers_of(&join.ice_servers, &cfg.ice_servers);
+        // The SFU takes trickled candidates: answer at once instead of waiting for gathering
+        // (a STUN server that does not answer would hold every answer for the gather timeout).
+        pc.gather_timeout = Duration::ZERO;
         let (peer, peer_out) = RecvPeer::new(pc).await.map_err(|e| SfuError::Peer(e.to_string()))?;
         Ok(Joined { signal, events, join, peer, peer_out, generation, last_offer: None, last_answer: None })
     }

@@ -1,0 +1,302 @@
+//! MatrixRTC calls in the bot's rooms: the runtime that follows every room's call session and its
+//! media keys, and starts one [`call::RtcCallTask`] per recorded call.
+//!
+//! Inputs come from the sync handlers (membership state events, sticky membership events, room
+//! member changes, `io.element.call.encryption_keys` to-device and room events) and from the
+//! control socket (`mxrec record`). Per room it keeps an [`RtcSession`] (who is in the call,
+//! with which LiveKit identity, on which SFU) and a [`KeyRouter`] (which key belongs to which
+//! identity); routed keys go into the room's [`RoomKeys`], which the call task decrypts with.
+//!
+//! A room's call is recorded while it is wanted (listed in `matrixrtc.record_rooms`, or asked for
+//! with `mxrec record`) and its session is active (anyone but the bot is in it). It stops when
+//! the session ends, on `mxrec record --stop`, or at shutdown.
+
+pub mod call;
+pub mod matrix;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use matrix_sdk::ruma::{OwnedRoomId, RoomId};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::BotContext;
+use crate::matrixrtc::e2ee::ParticipantKeys;
+use crate::matrixrtc::session::{self, KeyRouter, Member, RtcSession, SessionEvent};
+
+/// Keys of one room's call, by LiveKit identity; written by the runtime, read by the call task.
+pub type RoomKeys = Arc<Mutex<HashMap<String, ParticipantKeys>>>;
+
+/// What the sync handlers and the control socket tell the runtime.
+#[derive(Debug)]
+pub enum RtcInput {
+    /// An `org.matrix.msc3401.call.member` state event.
+    LegacyMember { room: OwnedRoomId, state_key: String, sender: String, ts: u64, content: Value, sender_joined: bool },
+    /// An `org.matrix.msc4143.rtc.member` sticky event.
+    StickyMember { room: OwnedRoomId, sender: String, ts: u64, content: Value, sticky_ms: Option<u64>, sender_joined: bool },
+    /// A room member's join state changed.
+    Membership { room: OwnedRoomId, user: String, joined: bool },
+    /// `io.element.call.encryption_keys` as a decrypted to-device event.
+    ToDeviceKeys { sender: String, content: Value },
+    /// The older room-event variant.
+    RoomKeys { room: OwnedRoomId, sender: String, ts: u64, content: Value },
+    /// `mxrec record`: start (or stop) recording the room's call.
+    Record { room: OwnedRoomId, stop: bool, reply: oneshot::Sender<Result<String, String>> },
+}
+
+/// What the runtime tells a call task.
+#[derive(Debug)]
+pub enum CallCommand {
+    Member(SessionEvent),
+    /// A key for an identity was installed (the task may retry what it could not decrypt).
+    KeyInstalled { identity: String, index: u8 },
+    Stop { reason: String },
+}
+
+struct RoomCall {
+    commands: mpsc::UnboundedSender<CallCommand>,
+}
+
+struct RoomRtc {
+    session: RtcSession,
+    router: KeyRouter,
+    keys: RoomKeys,
+    /// Recording requested for the next (or current) call: by config, or until it ends by
+    /// `mxrec record`.
+    wanted_by_config: bool,
+    wanted_once: bool,
+    call: Option<RoomCall>,
+}
+
+pub struct RtcRuntime {
+    ctx: Arc<BotContext>,
+    rooms: HashMap<OwnedRoomId, RoomRtc>,
+    running: JoinSet<OwnedRoomId>,
+}
+
+fn now_ms() -> u64 {
+    storage::now_ms().max(0) as u64
+}
+
+impl RtcRuntime {
+    pub fn new(ctx: Arc<BotContext>) -> Self {
+        Self { ctx, rooms: HashMap::new(), running: JoinSet::new() }
+    }
+
+    fn room(&mut self, room: &OwnedRoomId) -> &mut RoomRtc {
+        let ctx = &self.ctx;
+        self.rooms.entry(room.clone()).or_insert_with(|| {
+            let now = now_ms();
+            let mut session = RtcSession::new(room.as_str());
+            session.set_own_device(ctx.user_id.as_str(), ctx.device_id.as_str(), now);
+            session.set_joined(ctx.user_id.as_str(), true, now);
+            let mut router = KeyRouter::new(room.as_str());
+            router.set_own_device(ctx.user_id.as_str(), ctx.device_id.as_str());
+            let wanted_by_config = ctx.config.matrixrtc.record_rooms.iter().any(|r| r == room.as_str());
+            RoomRtc {
+                session,
+                router,
+                keys: Arc::new(Mutex::new(HashMap::new())),
+                wanted_by_config,
+                wanted_once: false,
+                call: None,
+            }
+        })
+    }
+
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<RtcInput>, mut shutdown: watch::Receiver<bool>) {
+        let mut stopping = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                input = inputs.recv(), if !stopping => match input {
+                    Some(i) => self.handle(i),
+                    None => {
+                        stopping = true;
+                        self.stop_all("the bot is shutting down");
+                    }
+                },
+                _ = tick.tick() => {
+                    let now = now_ms();
+                    for r in self.rooms.values_mut() {
+                        r.session.tick(now);
+                    }
+                }
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => match done {
+                    Ok(room) => {
+                        if let Some(r) = self.rooms.get_mut(&room) {
+                            r.call = None;
+                            r.wanted_once = false;
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "a MatrixRTC call task ended abnormally; its recording may be incomplete"),
+                },
+                changed = shutdown.changed(), if !stopping => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        stopping = true;
+                        self.stop_all("the bot is shutting down");
+                    }
+                }
+            }
+            self.carry_out(stopping);
+            if stopping && self.running.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn stop_all(&mut self, reason: &str) {
+        for r in self.rooms.values_mut() {
+            r.wanted_by_config = false;
+            r.wanted_once = false;
+            if let Some(c) = &r.call {
+                let _ = c.commands.send(CallCommand::Stop { reason: reason.into() });
+            }
+        }
+    }
+
+    fn handle(&mut self, input: RtcInput) {
+        let now = now_ms();
+        match input {
+            RtcInput::LegacyMember { room, state_key, sender, ts, content, sender_joined } => {
+                let r = self.room(&room);
+                r.session.set_joined(&sender, sender_joined, now);
+                if let Err(e) = r.session.handle_legacy_state_event(&state_key, &sender, ts, &content, now) {
+                    warn!(room = %room, %sender, error = %e, "call membership event refused");
+                }
+            }
+            RtcInput::StickyMember { room, sender, ts, content, sticky_ms, sender_joined } => {
+                let r = self.room(&room);
+                r.session.set_joined(&sender, sender_joined, now);
+                if let Err(e) = r.session.handle_sticky_event(&sender, ts, &content, sticky_ms, now) {
+                    warn!(room = %room, %sender, error = %e, "sticky call membership event refused");
+                }
+            }
+            RtcInput::Membership { room, user, joined } => {
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.session.set_joined(&user, joined, now);
+                }
+            }
+            RtcInput::ToDeviceKeys { sender, content } => match session::parse_to_device_keys(&sender, &content) {
+                Ok(ev) => {
+                    let Ok(room) = RoomId::parse(&ev.room_id) else {
+                        warn!(%sender, room = %ev.room_id, "media key for an invalid room id; ignored");
+                        return;
+                    };
+                    self.take_keys(room, ev, now);
+                }
+                Err(e) => warn!(%sender, error = %e, "malformed io.element.call.encryption_keys to-device event; ignored"),
+            },
+            RtcInput::RoomKeys { room, sender, ts, content } => {
+                match session::parse_room_keys(room.as_str(), &sender, ts, &content) {
+                    Ok(ev) => self.take_keys(room, ev, now),
+                    Err(e) => warn!(room = %room, %sender, error = %e, "malformed io.element.call.encryption_keys room event; ignored"),
+                }
+            }
+            RtcInput::Record { room, stop, reply } => {
+                let joined = self.ctx.client.get_room(&room).is_some_and(|r| r.state() == matrix_sdk::RoomState::Joined);
+                let answer = if !joined {
+                    Err(format!("the bot is not in {room}; invite it first"))
+                } else {
+                    let r = self.room(&room);
+                    if stop {
+                        r.wanted_once = false;
+                        r.wanted_by_config = false;
+                        match &r.call {
+                            Some(c) => {
+                                let _ = c.commands.send(CallCommand::Stop { reason: "a stop was requested".into() });
+                                Ok(format!("stopping the recording of the call in {room}"))
+                            }
+                            None => Ok(format!("no call is being recorded in {room}")),
+                        }
+                    } else {
+                        r.wanted_once = true;
+                        if r.call.is_some() {
+                            Ok(format!("the call in {room} is already being recorded"))
+                        } else if r.session.is_active() {
+                            Ok(format!("recording the call in {room}"))
+                        } else {
+                            Ok(format!("no call is running in {room}; it will be recorded when one starts"))
+                        }
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn take_keys(&mut self, room: OwnedRoomId, ev: session::EncryptionKeysEvent, now: u64) {
+        let sender = ev.sender.clone();
+        let r = self.room(&room);
+        match r.router.handle_keys(ev, now) {
+            Ok(intake) => debug!(room = %room, %sender, ?intake, "media keys received"),
+            Err(e) => warn!(room = %room, %sender, error = %e, "media keys refused"),
+        }
+    }
+
+    /// Moves session events and keys on, and starts/stops call tasks.
+    fn carry_out(&mut self, stopping: bool) {
+        let mut to_start = Vec::new();
+        for (room_id, r) in self.rooms.iter_mut() {
+            while let Some(ev) = r.session.poll_event() {
+                r.router.handle_session_event(&ev);
+                match &ev {
+                    SessionEvent::MemberJoined(m) => info!(room = %room_id, user = %m.user_id, device = %m.device_id, identity = %m.identity, "joined the call"),
+                    SessionEvent::MemberLeft(m) => info!(room = %room_id, user = %m.user_id, device = %m.device_id, "left the call"),
+                    SessionEvent::SessionStarted => info!(room = %room_id, "a call started"),
+                    SessionEvent::SessionEnded => info!(room = %room_id, "the call ended"),
+                    SessionEvent::MemberUpdated(_) => {}
+                }
+                if let Some(c) = &r.call {
+                    if matches!(ev, SessionEvent::SessionEnded) {
+                        let _ = c.commands.send(CallCommand::Stop { reason: "the call ended".into() });
+                    } else {
+                        let _ = c.commands.send(CallCommand::Member(ev));
+                    }
+                }
+            }
+            while let Some(k) = r.router.poll_update() {
+                let installed = r.keys.lock().unwrap().entry(k.identity.clone()).or_default().set_key(k.index, &k.key);
+                match installed {
+                    Ok(()) => {
+                        debug!(room = %room_id, identity = %k.identity, index = k.index, "media key installed");
+                        if let Some(c) = &r.call {
+                            let _ = c.commands.send(CallCommand::KeyInstalled { identity: k.identity.clone(), index: k.index });
+                        }
+                    }
+                    Err(e) => warn!(room = %room_id, identity = %k.identity, error = %e, "media key refused"),
+                }
+            }
+            let wanted = r.wanted_by_config || r.wanted_once;
+            if !stopping && wanted && r.call.is_none() && r.session.is_active() {
+                to_start.push(room_id.clone());
+            }
+        }
+        for room_id in to_start {
+            self.start_call(room_id);
+        }
+    }
+
+    fn start_call(&mut self, room_id: OwnedRoomId) {
+        let ctx = self.ctx.clone();
+        let Some(r) = self.rooms.get_mut(&room_id) else { return };
+        let members: Vec<Member> = r.session.members().into_iter().cloned().collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        r.call = Some(RoomCall { commands: tx });
+        let task = call::RtcCallTask { ctx, room_id: room_id.clone(), keys: r.keys.clone(), members };
+        let span = info_span!("rtc_call", room = %room_id);
+        info!(parent: &span, "recording the call");
+        self.running.spawn(
+            async move {
+                task.run(rx).await;
+                room_id
+            }
+            .instrument(span),
+        );
+    }
+}
