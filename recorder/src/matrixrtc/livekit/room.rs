@@ -311,11 +311,12 @@ mod tests {
                 ],
             )],
         });
+        // In track sid order.
         assert_eq!(
             ev,
             vec![
-                RoomEvent::TrackMuted { track_sid: "TR_v".into(), identity: "@a:hs:A".into(), muted: true },
                 RoomEvent::TrackPublished(room.track("TR_s").unwrap().clone()),
+                RoomEvent::TrackMuted { track_sid: "TR_v".into(), identity: "@a:hs:A".into(), muted: true },
             ]
         );
         assert_eq!(room.track("TR_s").unwrap().source, TrackSource::Screen);
