@@ -10,8 +10,9 @@
 //! cryptor), so nothing of mxrec's stack is on the sending side. The bot is asked to record with
 //! `mxrec record --room` before the call starts.
 //!
-//! - `encrypted_call_api_key_path`: an encrypted room, the bot minting its own LiveKit token from
-//!   a configured API key. Alice and Bob start the call; Dave joins 2 s later and publishes
+//! - `encrypted_call_api_key_path` / `encrypted_call_openid_path`: an encrypted room, the bot
+//!   minting its own LiveKit token from a configured API key / asking the JWT service stand-in
+//!   with its OpenID token. Alice and Bob start the call; Dave joins 2 s later and publishes
 //!   encrypted media but never gives the bot his key; Carol joins at 6 s; Bob leaves at 12 s,
 //!   after which Alice and Carol rotate their keys; Alice shares her screen for 5 s early on;
 //!   everyone leaves at 22 s. Proven: the bot's call membership is visible to the members while
@@ -32,7 +33,7 @@
 //! (deploy/dev/synapse.sh env, a Synapse with `max_event_delay_duration`), the S3 env of
 //! deploy/dev/garage.sh, `MXREC_TEST_LIVEKIT_URL`/`_KEY`/`_SECRET` and `MXREC_TEST_RTC_SERVICE_URL`
 //! (deploy/dev/livekit.sh env, the stand-in mapping this homeserver for OpenID), and the venv of
-//! deploy/dev/pyenv.sh with the `livekit` Python SDK. The two tests take turns (four publishers,
+//! deploy/dev/pyenv.sh with the `livekit` Python SDK. The tests take turns (four publishers,
 //! the bot and the servers share two cores).
 
 #![recursion_limit = "256"]
@@ -928,17 +929,26 @@ fn middle(from: i64, to: i64, what: &str) -> i64 {
 }
 
 // -------------------------------------------------------------------------------------------------
-// Test 1: encrypted room, the bot's own LiveKit token (API key).
+// Test 1: encrypted room, once with the bot's own LiveKit token (API key), once with a token
+// from the JWT service (OpenID).
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_call_api_key_path() {
-    const TEST: &str = "matrixrtc_call::encrypted_call_api_key_path";
-    let Some((hs, s3, lk)) = servers(TEST) else { return };
+    encrypted_call("matrixrtc_call::encrypted_call_api_key_path", true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_call_openid_path() {
+    encrypted_call("matrixrtc_call::encrypted_call_openid_path", false).await
+}
+
+async fn encrypted_call(test: &str, api_key: bool) {
+    let Some((hs, s3, lk)) = servers(test) else { return };
     let _turn = serial();
     let python = python();
     let suffix = unique_suffix();
     let accounts = ["alice", "bob", "carol", "dave"].map(|n| account(&hs, n, &suffix));
-    let mut bot = start_bot(&hs, &s3, &lk, &suffix, &accounts[0].user, true).await;
+    let mut bot = start_bot(&hs, &s3, &lk, &suffix, &accounts[0].user, api_key).await;
     let store = |n: &str| bot.dir.path().join(format!("{n}-store"));
     let mut alice = Participant::login(&hs, "alice", &accounts[0], ALICE_GREY, &store("alice")).await;
     let mut bob = Participant::login(&hs, "bob", &accounts[1], BOB_GREY, &store("bob")).await;
@@ -1015,7 +1025,12 @@ async fn encrypted_call_api_key_path() {
     let (_, saved) = wait_notices(&mut alice, room.as_str(), &bot).await;
     assert_membership_withdrawn(&call, &alice.token, &saved, &bot).await;
     let via = bot.mxrec.log_lines_with("joining the SFU");
-    assert!(via.iter().any(|l| l.contains("api key")), "the bot minted its own token: {via:?}");
+    let expected = if api_key { "api key" } else { "jwt service" };
+    assert!(via.iter().any(|l| l.contains(expected)), "the bot got its token by {expected}: {via:?}");
+    // From the call task's start (the call seen, recording wanted) to the first decrypted frame.
+    for l in bot.mxrec.log_lines_with("first frame decrypted") {
+        eprintln!("mxrec: {l}");
+    }
 
     let notice = LinksNotice::parse(saved["content"]["body"].as_str().unwrap());
     let f = fetch_recording(&bot.dir.path().join("verify"), &s3, &bot.prefix, room.as_str(), &notice).await;

@@ -57,6 +57,7 @@ import asyncio
 import base64
 import binascii
 import json
+import os
 import signal
 import sys
 import threading
@@ -465,4 +466,10 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse_args())))
+    code = asyncio.run(main(parse_args()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: the SDK's native library can abort while it is being unloaded
+    # after a clean leave ("panic in a function that cannot unwind", SIGABRT, seen with livekit
+    # 1.2.1), which would turn a finished session into a failed exit.
+    os._exit(code)

@@ -518,37 +518,8 @@ impl CallMedia {
             });
         };
         metrics::gauge!(m::ACTIVE_CALLS).decrement(1.0);
-        let recording_id = rec.id().clone();
-        let finished = match rec.finish().await {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(recording = %recording_id, error = %format!("{e:#}"), "the recording could not be stored");
-                return Some(messages::recording_failed(&short_reason(&e)));
-            }
-        };
-        match self.ctx.saved_notice(&finished).await {
-            Ok(mut n) => {
-                if let Some(reason) = &self.failed {
-                    warn!(recording = %recording_id, %reason, "the recording stopped early; what was received until then is stored");
-                    n.plain.push_str(&format!("\nThe recording stopped early: {reason}."));
-                    n.html.push_str(&format!("<p><b>The recording stopped early</b>: {}.</p>", messages::escape(reason)));
-                }
-                Some(n)
-            }
-            Err(e) => {
-                warn!(recording = %recording_id, error = %format!("{e:#}"), "stored, but links could not be issued");
-                Some(messages::recording_failed(&format!(
-                    "the recording {recording_id} is stored, but no links could be issued ({})",
-                    short_reason(&e)
-                )))
-            }
-        }
+        Some(self.ctx.store_and_announce(rec, self.failed.as_deref()).await)
     }
-}
-
-fn short_reason(e: &anyhow::Error) -> String {
-    let s = e.to_string();
-    s.chars().take(200).collect()
 }
 
 fn source_of(purpose: Purpose, kind: voip1::TrackKind) -> TrackSource {

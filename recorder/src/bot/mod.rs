@@ -71,6 +71,37 @@ impl BotContext {
         }
     }
 
+    /// Finalizes a recording (any call flavour) and words what the room is told: the links, with
+    /// `stopped_early` appended when the recording ended before the call did, or why it failed.
+    pub async fn store_and_announce(&self, rec: crate::pipeline::Recording, stopped_early: Option<&str>) -> messages::Notice {
+        let short = |e: &anyhow::Error| e.to_string().chars().take(200).collect::<String>();
+        let recording_id = rec.id().clone();
+        let finished = match rec.finish().await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(recording = %recording_id, error = %format!("{e:#}"), "the recording could not be stored");
+                return messages::recording_failed(&short(&e));
+            }
+        };
+        match self.saved_notice(&finished).await {
+            Ok(mut n) => {
+                if let Some(reason) = stopped_early {
+                    warn!(recording = %recording_id, %reason, "the recording stopped early; what was received until then is stored");
+                    n.plain.push_str(&format!("\nThe recording stopped early: {reason}."));
+                    n.html.push_str(&format!("<p><b>The recording stopped early</b>: {}.</p>", messages::escape(reason)));
+                }
+                n
+            }
+            Err(e) => {
+                warn!(recording = %recording_id, error = %format!("{e:#}"), "stored, but links could not be issued");
+                messages::recording_failed(&format!(
+                    "the recording {recording_id} is stored, but no links could be issued ({})",
+                    short(&e)
+                ))
+            }
+        }
+    }
+
     /// Issues links to a stored recording's composite and per-track files and words the notice.
     pub async fn saved_notice(&self, finished: &Finished) -> Result<messages::Notice> {
         let ttl = self.links.default_ttl();

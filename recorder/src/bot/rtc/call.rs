@@ -644,25 +644,6 @@ impl Media {
             return Some(messages::recording_failed(&why));
         };
         metrics::gauge!(m::ACTIVE_CALLS).decrement(1.0);
-        let recording_id = rec.id().clone();
-        let finished = match rec.finish().await {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(recording = %recording_id, error = %format!("{e:#}"), "the recording could not be stored");
-                return Some(messages::recording_failed(&e.to_string().chars().take(200).collect::<String>()));
-            }
-        };
-        match self.ctx.saved_notice(&finished).await {
-            Ok(mut n) => {
-                if let Some(reason) = &self.failed {
-                    n.plain.push_str(&format!("\nThe recording stopped early: {reason}."));
-                    n.html.push_str(&format!("<p><b>The recording stopped early</b>: {}.</p>", messages::escape(reason)));
-                }
-                Some(n)
-            }
-            Err(e) => Some(messages::recording_failed(&format!(
-                "the recording {recording_id} is stored, but no links could be issued ({e:#})"
-            ))),
-        }
+        Some(self.ctx.store_and_announce(rec, self.failed.as_deref()).await)
     }
 }
