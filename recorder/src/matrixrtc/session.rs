@@ -2385,6 +2385,13 @@ mod tests {
 
     // --- keys ---
 
+    /// Hands every pending session event to the router, as the bot's runtime does.
+    fn pump(s: &mut RtcSession, r: &mut KeyRouter) {
+        while let Some(ev) = s.poll_event() {
+            r.handle_session_event(&ev);
+        }
+    }
+
     fn joined_alice(s: &mut RtcSession, r: &mut KeyRouter, now: u64) {
         s.handle_legacy_state_event(
             &sk(ALICE, "A1"),
@@ -2394,9 +2401,7 @@ mod tests {
             now,
         )
         .unwrap();
-        while let Some(ev) = s.poll_event() {
-            r.handle_session_event(&ev);
-        }
+        pump(s, r);
     }
 
     #[test]
@@ -2442,9 +2447,7 @@ mod tests {
         joined_alice(&mut s, &mut r, T0);
         s.handle_legacy_state_event(&sk(ALICE, "A1"), ALICE, T0 + 10, &json!({}), T0 + 10)
             .unwrap();
-        while let Some(ev) = s.poll_event() {
-            r.handle_session_event(&ev);
-        }
+        pump(&mut s, &mut r);
         assert!(s.members().is_empty());
         let ev = parse_to_device_keys(ALICE, &to_device_key("A1", 1, &[9u8; 16], T0 + 11)).unwrap();
         assert_eq!(r.handle_keys(ev, T0 + 11).unwrap().routed, 1);
@@ -2465,9 +2468,7 @@ mod tests {
         let mut r = KeyRouter::new(ROOM);
         s.handle_sticky_event(ALICE, T0, &sticky_js43(ALICE, "A1", "m1", URL), None, T0)
             .unwrap();
-        while let Some(ev) = s.poll_event() {
-            r.handle_session_event(&ev);
-        }
+        pump(&mut s, &mut r);
         s.handle_sticky_event(
             ALICE,
             T0 + 1,
@@ -2476,9 +2477,7 @@ mod tests {
             T0 + 1,
         )
         .unwrap();
-        while let Some(ev) = s.poll_event() {
-            r.handle_session_event(&ev);
-        }
+        pump(&mut s, &mut r);
         let ev = parse_to_device_keys(ALICE, &to_device_key("A1", 3, &[1u8; 16], T0 + 2)).unwrap();
         r.handle_keys(ev, T0 + 2).unwrap();
         assert_eq!(updates(&mut r)[0].identity, rtc_identity(ALICE, "A1", "m1"));
@@ -2490,9 +2489,7 @@ mod tests {
             T0 + 3,
         )
         .unwrap();
-        while let Some(ev) = s.poll_event() {
-            r.handle_session_event(&ev);
-        }
+        pump(&mut s, &mut r);
         let ups = updates(&mut r);
         assert_eq!(ups.len(), 1);
         assert_eq!(
@@ -2518,9 +2515,7 @@ mod tests {
             T0 + 2,
         )
         .unwrap();
-        while let Some(ev) = s.poll_event() {
-            r.handle_session_event(&ev);
-        }
+        pump(&mut s, &mut r);
         let ups = updates(&mut r);
         assert_eq!(ups.len(), 1);
         assert_eq!(
