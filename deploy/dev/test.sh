@@ -29,4 +29,14 @@ eval "$("$here/livekit.sh" env)"
 
 # make test runs every test: one whose server is missing fails instead of skipping.
 export MXREC_REQUIRE_TEST_SERVERS=1
-cargo test --workspace --no-fail-fast -- --test-threads=2
+# The whole output is kept; on failure its panic messages are repeated at the end, where a CI log
+# that shows only its tail still says why each failing test failed.
+log=$(mktemp -t mxrec-test.XXXXXX.log)
+status=0
+cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo
+  echo "=== test.sh: failed (exit $status); panic messages from $log ==="
+  grep -a -A6 "panicked at" "$log" | cut -c1-400 | head -n 200 || true
+fi
+exit "$status"
