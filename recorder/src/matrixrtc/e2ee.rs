@@ -97,6 +97,13 @@ const SIF_BLANK_PAYLOADS: [&[u8]; 5] = [
     &OPUS_SILENCE,
 ];
 
+/// Whether `payload` is exactly one of the blank frames a LiveKit SFU injects. To tracks that are
+/// not encrypted it sends them without the SIF trailer (livekit-server only appends it for
+/// encrypted tracks), so the bytes are all there is to recognise them by.
+pub fn is_blank_payload(payload: &[u8]) -> bool {
+    SIF_BLANK_PAYLOADS.contains(&payload)
+}
+
 const OPUS_SILENCE: [u8; 80] = {
     let mut frame = [0u8; 80];
     frame[0] = 0xf8;
