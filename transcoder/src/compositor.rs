@@ -480,9 +480,14 @@ fn graph_text(spec: &CompositeSpec, plan: &Plan) -> String {
             };
             for (k, (r, when)) in rects.iter().enumerate() {
                 // Letterbox into the tile in placeholder grey, so a tile of any aspect ratio
-                // looks like the placeholder it replaces.
+                // looks like the placeholder it replaces. The graph is built from each track's
+                // first frame, yet a track's picture size can change (a new segment, an SFU's
+                // 8x8 blank key frame): scale refits every size to the tile, and pad has to
+                // re-place it per frame (eval=frame). With pad's default eval=init, a picture
+                // taller than the first was copied at the first one's offset, past the end of
+                // pad's output buffer.
                 chains.push(format!(
-                    "{}scale=w={}:h={}:force_original_aspect_ratio=decrease:force_divisible_by=2,pad=w={}:h={}:x=(ow-iw)/2:y=(oh-ih)/2:color={PLACEHOLDER},format=yuv420p[{}]",
+                    "{}scale=w={}:h={}:force_original_aspect_ratio=decrease:force_divisible_by=2,pad=w={}:h={}:x=(ow-iw)/2:y=(oh-ih)/2:color={PLACEHOLDER}:eval=frame,format=yuv420p[{}]",
                     split_src[k], r.w, r.h, r.w, r.h, copies[k]
                 ));
                 let next = format!("o{n}");
