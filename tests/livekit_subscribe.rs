@@ -102,6 +102,8 @@ struct Track {
     /// pts (µs) of the first and last frame written.
     span_us: Option<(i64, i64)>,
     refused: BTreeMap<&'static str, u64>,
+    /// RTCP Sender Reports the track's receiver got (latest stats).
+    sender_reports: u64,
 }
 
 impl Track {
@@ -163,7 +165,7 @@ async fn livekit_publishers_are_received_decrypted_and_recorded() {
                         let writer = TrackWriter::new(TrackWriterConfig::new(dir.path(), name, codec)).unwrap();
                         tracks.insert(track, Track {
                             identity: remote.identity, source: remote.source, codec, encrypted: remote.encrypted,
-                            writer: Some(writer), segments: vec![], written: 0, span_us: None, refused: BTreeMap::new(),
+                            writer: Some(writer), segments: vec![], written: 0, span_us: None, refused: BTreeMap::new(), sender_reports: 0,
                         });
                     }
                     SfuOutput::Frame { track, frame } => {
@@ -184,6 +186,9 @@ async fn livekit_publishers_are_received_decrypted_and_recorded() {
                             Err(e) => panic!("writer refused a frame of {}: {e}", t.identity),
                         }
                         if w.wants_keyframe() { sfu.request_keyframe(track); }
+                    }
+                    SfuOutput::Stats { track, stats } => {
+                        if let Some(t) = tracks.get_mut(&track) { t.sender_reports = stats.sender_reports; }
                     }
                     SfuOutput::Closed { reason } => panic!("SFU connection closed: {reason}"),
                     _ => {}
@@ -219,9 +224,12 @@ async fn livekit_publishers_are_received_decrypted_and_recorded() {
     };
     for t in tracks.values() {
         eprintln!(
-            "{} {:?} {}: {} frames written over {:.2} s, refused {:?}, {} segments",
-            t.identity, t.source, t.codec, t.written, t.seconds(), t.refused, t.segments.len()
+            "{} {:?} {}: {} frames written over {:.2} s, refused {:?}, {} segments, {} sender reports",
+            t.identity, t.source, t.codec, t.written, t.seconds(), t.refused, t.segments.len(), t.sender_reports
         );
+        // The SFU's Sender Reports (sent every 3 s) time every track by its sender's clock;
+        // without them tracks fall back to packet arrival and A/V sync to chance.
+        assert!(t.sender_reports >= 2, "{} {}: the SFU's sender reports arrive: {}", t.identity, t.codec, t.sender_reports);
     }
     // A: encrypted, decrypted across the rotation; B: plain; C: nothing recorded.
     for id in ["@a:localhost:DEVA", "@b:localhost:DEVB"] {

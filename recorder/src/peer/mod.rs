@@ -178,7 +178,9 @@ pub(crate) struct Shared {
     /// The answer's first `a=mid`, for local candidates.
     first_mid: Mutex<Option<String>>,
     gathering: watch::Sender<RTCIceGatheringState>,
-    clock: Mutex<ParticipantClock>,
+    /// One NTP→recording offset per sender (see [`clock_group`]): senders' NTP clocks differ, so
+    /// one participant's first Sender Report must not place another's tracks.
+    clocks: Mutex<HashMap<String, ParticipantClock>>,
     /// Media SSRC → that track's receiver queue, so an SR reaches its track whichever track
     /// webrtc-rs delivered it on.
     by_ssrc: Mutex<HashMap<u32, mpsc::Sender<track::TrackInput>>>,
@@ -224,7 +226,7 @@ impl RecvPeer {
             media: Mutex::new(Some(media_tx.clone())),
             first_mid: Mutex::new(None),
             gathering,
-            clock: Mutex::new(ParticipantClock::default()),
+            clocks: Mutex::new(HashMap::new()),
             by_ssrc: Mutex::new(HashMap::new()),
             commands: Mutex::new(HashMap::new()),
             next_track: Mutex::new(0),
@@ -405,8 +407,23 @@ fn first_mid(sdp: &str) -> Option<String> {
     sdp.lines().find_map(|l| l.trim_end().strip_prefix("a=mid:")).map(str::to_owned)
 }
 
+/// The tracks that share one sender's clock, from a track's msid stream id: a LiveKit SFU names
+/// streams `PA_<participant>|TR_<track>`, so the part before `|` is the participant; a plain peer
+/// (a 1:1 caller) sends its camera and microphone in one stream.
+pub(crate) fn clock_group(stream_id: &str) -> &str {
+    stream_id.split_once('|').map_or(stream_id, |(participant, _)| participant)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn clock_groups_are_senders() {
+        assert_eq!(super::clock_group("PA_xwf6PoNbCoj3|TR_VCzzmKPYAGw6au"), "PA_xwf6PoNbCoj3");
+        assert_eq!(super::clock_group("PA_xwf6PoNbCoj3|TR_AMLrtiPqamzVqp"), "PA_xwf6PoNbCoj3");
+        assert_eq!(super::clock_group("b242ce31-3246-4da5-a1b2-14f962cd4c48"), "b242ce31-3246-4da5-a1b2-14f962cd4c48");
+        assert_eq!(super::clock_group(""), "");
+    }
+
     use super::*;
 
     #[test]

@@ -87,6 +87,7 @@ async fn open_and_receive(
     let dropped = Arc::new(AtomicU64::new(0));
 
     tracing::info!(%codec, clock_rate, "remote track opened");
+    let clock_group = super::clock_group(&stream_id).to_owned();
     let opened = PeerOutput::TrackOpened { track: key, stream_id, track_id, kind: codec.kind(), codec, clock_rate };
     if out.send(opened).await.is_ok() {
         tokio::spawn(
@@ -94,6 +95,7 @@ async fn open_and_receive(
         );
         let task = ReceiverTask {
             shared: shared.clone(),
+            clock_group,
             key,
             ssrc,
             track,
@@ -148,6 +150,8 @@ async fn poll_loop(
 
 struct ReceiverTask {
     shared: Arc<Shared>,
+    /// Whose NTP clock this track's Sender Reports use.
+    clock_group: String,
     key: TrackKey,
     ssrc: u32,
     track: Arc<dyn TrackRemote>,
@@ -178,7 +182,14 @@ impl ReceiverTask {
                         }
                     }
                     Some(TrackInput::SenderReport { sr, at_us }) => {
-                        let offset = self.shared.clock.lock().unwrap().offset(sr, at_us);
+                        let offset = self
+                            .shared
+                            .clocks
+                            .lock()
+                            .unwrap()
+                            .entry(self.clock_group.clone())
+                            .or_default()
+                            .offset(sr, at_us);
                         self.receiver.handle_sender_report(sr, offset);
                         self.stats.sender_reports += 1;
                     }
