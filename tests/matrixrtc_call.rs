@@ -13,7 +13,10 @@
 //! - `encrypted_call_api_key_path` / `encrypted_call_openid_path`: an encrypted room, the bot
 //!   minting its own LiveKit token from a configured API key / asking the JWT service stand-in
 //!   with its OpenID token. Alice and Bob start the call; Dave joins 2 s later and publishes
-//!   encrypted media but never gives the bot his key; Carol joins at 6 s; Bob leaves at 12 s,
+//!   encrypted media but never gives the bot his key; Carol joins at 6 s, in Element Call's
+//!   `matrix_2_0` mode (a sticky `org.matrix.msc4143.rtc.member` membership sent as plain HTTP,
+//!   her grant from `/get_token`, a hashed LiveKit identity) while the others use the default
+//!   `compatibility` mode (legacy state, `/sfu/get`, `user:device`); Bob leaves at 12 s,
 //!   after which Alice and Carol rotate their keys; Alice shares her screen for 5 s early on;
 //!   everyone leaves at 22 s. Proven: the bot's call membership is visible to the members while
 //!   it records and withdrawn after; the room gets "This call is being recorded by" and then
@@ -390,6 +393,9 @@ struct Participant {
     room: Option<Room>,
     publisher: Option<Publisher>,
     key: Option<MediaKey>,
+    /// `Some(member id)` for a member in Element Call's `matrix_2_0` mode: a sticky
+    /// `org.matrix.msc4143.rtc.member` membership, a grant from `/get_token`, a hashed identity.
+    sticky: Option<String>,
 }
 
 impl Drop for Participant {
@@ -454,12 +460,66 @@ impl Participant {
             room: None,
             publisher: None,
             key: None,
+            sticky: None,
         }
     }
 
-    /// The LiveKit identity `/sfu/get` gives this device, and the legacy membership's id.
+    /// Element Call's `matrix_2_0` mode for this member, with a fresh member id.
+    fn use_sticky_membership(&mut self) {
+        self.sticky = Some(format!("{:032x}", rand::random::<u128>()));
+    }
+
+    /// The LiveKit identity the JWT service gives this device: `user:device` from `/sfu/get`
+    /// (also the legacy membership's id); from `/get_token` the unpadded base64 SHA-256 of the
+    /// JSON array `[user, device, member id]`.
     fn identity(&self) -> String {
-        format!("{}:{}", self.user_id, self.device_id)
+        match &self.sticky {
+            None => format!("{}:{}", self.user_id, self.device_id),
+            Some(member) => {
+                use sha2::Digest;
+                let raw = serde_json::to_string(&[&self.user_id, &self.device_id, member]).unwrap();
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(sha2::Sha256::digest(raw.as_bytes()))
+            }
+        }
+    }
+
+    /// The key event's `member.id`: the membership's id (`membershipID` / the sticky member id).
+    fn member_id(&self) -> String {
+        self.sticky.clone().unwrap_or_else(|| self.identity())
+    }
+
+    /// Sends a sticky `org.matrix.msc4143.rtc.member` event (MSC4354). matrix-sdk cannot add the
+    /// sticky query parameter, so it goes as plain HTTP, unencrypted even in an encrypted room
+    /// (Element Call would Megolm-encrypt it; the bot reads both).
+    async fn send_sticky(&self, call: &Call, content: Value) {
+        let txn = format!("sticky-{}", rand::random::<u64>());
+        let url = format!(
+            "{}/_matrix/client/v3/rooms/{}/send/org.matrix.msc4143.rtc.member/{txn}?org.matrix.msc4354.sticky_duration_ms=3600000",
+            call.homeserver.trim_end_matches('/'),
+            pct(call.room.as_str())
+        );
+        let r = reqwest::Client::new()
+            .put(&url)
+            .bearer_auth(&self.token)
+            .json(&content)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{} sends its sticky membership: {e}", self.name));
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        assert!(status.is_success(), "{} sends its sticky membership: HTTP {status} {body}", self.name);
+    }
+
+    /// The sticky membership Element Call writes in `matrix_2_0` mode.
+    fn sticky_content(&self, call: &Call, member: &str) -> Value {
+        json!({
+            "application": {"type": "m.call", "m.call.intent": "video"},
+            "slot_id": "m.call#ROOM",
+            "rtc_transports": [{"type": "livekit", "livekit_service_url": call.service_url}],
+            "member": {"user_id": self.user_id, "device_id": self.device_id, "id": member},
+            "versions": [],
+            "msc4354_sticky_key": member,
+        })
     }
 
     /// A room with `invite`d users whose power levels let every member publish its call
@@ -530,17 +590,25 @@ impl Participant {
             .send(request_openid_token::v3::Request::new(user))
             .await
             .unwrap_or_else(|e| panic!("{} gets an OpenID token: {e}", self.name));
-        let body = json!({
-            "room": call.room.as_str(),
-            "openid_token": {
-                "access_token": openid.access_token,
-                "token_type": openid.token_type.to_string(),
-                "matrix_server_name": openid.matrix_server_name.to_string(),
-                "expires_in": openid.expires_in.as_secs(),
-            },
-            "device_id": self.device_id,
+        let openid_token = json!({
+            "access_token": openid.access_token,
+            "token_type": openid.token_type.to_string(),
+            "matrix_server_name": openid.matrix_server_name.to_string(),
+            "expires_in": openid.expires_in.as_secs(),
         });
-        let url = format!("{}/sfu/get", call.service_url.trim_end_matches('/'));
+        let (endpoint, body) = match &self.sticky {
+            None => ("sfu/get", json!({"room": call.room.as_str(), "openid_token": openid_token, "device_id": self.device_id})),
+            Some(member) => (
+                "get_token",
+                json!({
+                    "room_id": call.room.as_str(),
+                    "slot_id": "m.call#ROOM",
+                    "openid_token": openid_token,
+                    "member": {"id": member, "claimed_user_id": self.user_id, "claimed_device_id": self.device_id},
+                }),
+            ),
+        };
+        let url = format!("{}/{endpoint}", call.service_url.trim_end_matches('/'));
         let r = reqwest::Client::new()
             .post(&url)
             .json(&body)
@@ -559,13 +627,16 @@ impl Participant {
     /// Joins the call: membership, grant, publisher connected with camera and microphone
     /// published. Returns when it connected (Unix ms).
     async fn join_call(&mut self, call: &Call, encrypted: bool, extra: &[&str]) -> i64 {
-        self.set_membership(self.membership_content(call)).await;
+        match &self.sticky {
+            None => self.set_membership(self.membership_content(call)).await,
+            Some(member) => self.send_sticky(call, self.sticky_content(call, member)).await,
+        }
         let (url, jwt) = self.sfu_grant(call).await;
         let key = encrypted.then(|| MediaKey::random(0));
         let mut p = Publisher::start(&call.python, self.name, &url, &jwt, self.grey, key.as_ref(), extra).await;
         let connected = p.wait_event("connected", Duration::from_secs(60)).await;
         let connected_at = now_ms();
-        assert_eq!(connected["identity"], self.identity().as_str(), "{}'s LiveKit identity is `user:device`", self.name);
+        assert_eq!(connected["identity"], self.identity().as_str(), "{}'s LiveKit identity", self.name);
         for _ in 0..2 {
             let published = p.wait_event("published", Duration::from_secs(30)).await;
             let expected = if encrypted { "GCM" } else { "NONE" };
@@ -603,7 +674,7 @@ impl Participant {
         let content = json!({
             "keys": {"index": key.index, "key": key.base64()},
             "room_id": call.room.as_str(),
-            "member": {"claimed_device_id": self.device_id, "id": self.identity()},
+            "member": {"claimed_device_id": self.device_id, "id": self.member_id()},
             "session": {"call_id": "", "application": "m.call", "scope": "m.room"},
             "sent_ts": now_ms(),
         });
@@ -634,11 +705,14 @@ impl Participant {
     }
 
     /// Leaves the SFU, then withdraws the membership.
-    async fn leave_call(&mut self) {
+    async fn leave_call(&mut self, call: &Call) {
         if let Some(p) = self.publisher.take() {
             p.leave().await;
         }
-        self.set_membership(json!({})).await;
+        match &self.sticky {
+            None => self.set_membership(json!({})).await,
+            Some(member) => self.send_sticky(call, json!({"msc4354_sticky_key": member})).await,
+        }
         eprintln!("{} left the call", self.name);
     }
 }
@@ -994,6 +1068,9 @@ async fn whole_call(test: &str, encrypted: bool, api_key: bool) {
     let mut alice = Participant::login(&hs, "alice", &accounts[0], ALICE_GREY, &store("alice")).await;
     let mut bob = Participant::login(&hs, "bob", &accounts[1], BOB_GREY, &store("bob")).await;
     let mut carol = Participant::login(&hs, "carol", &accounts[2], CAROL_GREY, &store("carol")).await;
+    // Carol's client runs Element Call's `matrix_2_0` mode, the others `compatibility`: a room
+    // in the middle of that migration, which the bot must record as one call.
+    carol.use_sticky_membership();
     let mut dave = match encrypted {
         true => Some(Participant::login(&hs, "dave", &accounts[3], DAVE_GREY, &store("dave")).await),
         false => None,
@@ -1056,7 +1133,7 @@ async fn whole_call(test: &str, encrypted: bool, api_key: bool) {
     let carol_seen = Instant::now() + Duration::from_millis((carol_keyed + 4000 - now_ms()).max(0) as u64);
     tokio::time::sleep_until(at(12).max(carol_seen)).await;
     let bob_leave_start = now_ms();
-    bob.leave_call().await;
+    bob.leave_call(&call).await;
     let bob_left = now_ms();
     if encrypted {
         tokio::join!(alice.rotate_key(&call), carol.rotate_key(&call));
@@ -1065,9 +1142,9 @@ async fn whole_call(test: &str, encrypted: bool, api_key: bool) {
 
     tokio::time::sleep_until(at(22).max(Instant::now() + Duration::from_secs(4))).await;
     let final_leave_start = now_ms();
-    tokio::join!(alice.leave_call(), carol.leave_call(), async {
+    tokio::join!(alice.leave_call(&call), carol.leave_call(&call), async {
         if let Some(d) = dave.as_mut() {
-            d.leave_call().await
+            d.leave_call(&call).await
         }
     });
     eprintln!(
