@@ -6,9 +6,10 @@
 //! through its latest SR and one NTP→recording offset per participant ([`ParticipantClock`])
 //! puts a participant's audio and video on the same time line, whatever their arrival skew.
 //!
-//! Output is strictly increasing per track (the segment writer rejects anything else): a
-//! timestamp at or before the previous one — reordering across a re-anchor, a sender clock
-//! step — is clamped to 1 µs after it and counted.
+//! Output is strictly increasing per track, at least [`MIN_SPACING_US`] apart (the segment writer
+//! rejects anything else, and containers count in milliseconds): a timestamp closer to or before
+//! the previous one — reordering, a sender clock step, an SFU's layer switch — is clamped to one
+//! millisecond after it and counted.
 
 /// A Sender Report's timing pair (RTCP SR, RFC 3550 §6.4.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,12 +64,30 @@ pub struct TrackClock {
     /// (recording µs of the SR's NTP time, SR RTP timestamp).
     sr_anchor: Option<(i64, u32)>,
     last_us: Option<i64>,
+    /// (extended RTP timestamp, pts) of the newest frame placed.
+    last: Option<(i64, i64)>,
     clamped: u64,
+    slewed: u64,
 }
+
+/// Frames are at least this far apart: the containers count in milliseconds, and two frames on
+/// one millisecond (an SFU's layer switch can put the next frame one RTP tick after the last) make
+/// a file whose timestamps do not increase.
+pub const MIN_SPACING_US: i64 = 1000;
+/// A mapping move larger than this is a step of the sender's clock, not drift.
+pub const CLOCK_STEP_US: i64 = 2_000_000;
 
 impl TrackClock {
     pub fn new(clock_rate: u32) -> Self {
-        Self { clock_rate: clock_rate.max(1) as i64, arrival_anchor: None, sr_anchor: None, last_us: None, clamped: 0 }
+        Self {
+            clock_rate: clock_rate.max(1) as i64,
+            arrival_anchor: None,
+            sr_anchor: None,
+            last_us: None,
+            last: None,
+            clamped: 0,
+            slewed: 0,
+        }
     }
 
     /// The first packet of the track arrived at `now_us` carrying `ts`.
@@ -99,17 +118,51 @@ impl TrackClock {
     }
 
     /// Maps and applies the monotonic clamp (never below 0).
+    ///
+    /// When the mapping moves under a running track (its first Sender Report replaces the
+    /// arrival anchor, or a later one corrects drift), the track does not jump: each frame goes
+    /// where the previous one plus its RTP duration puts it, corrected an eighth of the way
+    /// towards the new mapping (at most half a frame, at least a tenth), so timestamps never step
+    /// back or pile onto one millisecond, and the track is on its sender's clock within a few
+    /// dozen frames. A move over [`CLOCK_STEP_US`] is a step of the sender's clock, taken at once.
     pub fn pts(&mut self, ts: i64) -> i64 {
-        let raw = self.map(ts).unwrap_or(0).max(0);
-        let pts = match self.last_us {
-            Some(last) if raw <= last => {
-                self.clamped += 1;
-                last + 1
+        let target = self.map(ts).unwrap_or(0).max(0);
+        let placed = match self.last {
+            Some((last_ts, last_us)) if ts > last_ts => {
+                let natural = last_us + self.ticks_to_us(ts - last_ts);
+                let diff = target - natural;
+                let frame = natural - last_us;
+                if diff.abs() > CLOCK_STEP_US {
+                    target
+                } else {
+                    let floor = diff.abs().min((frame / 10).max(1));
+                    let step = (diff / 8).clamp(-frame / 2, frame / 2);
+                    let step = if step.abs() < floor { diff.signum() * floor } else { step };
+                    if step != 0 {
+                        self.slewed += 1;
+                    }
+                    natural + step
+                }
             }
-            _ => raw,
+            _ => target,
         };
+        let pts = match self.last_us {
+            Some(last) if placed < last + MIN_SPACING_US => {
+                self.clamped += 1;
+                last + MIN_SPACING_US
+            }
+            _ => placed,
+        };
+        if self.last.is_none_or(|(last_ts, _)| ts > last_ts) {
+            self.last = Some((ts, pts));
+        }
         self.last_us = Some(pts);
         pts
+    }
+
+    /// Frames placed off their mapping while the track converged onto a moved one.
+    pub fn slewed(&self) -> u64 {
+        self.slewed
     }
 
     pub fn clamped(&self) -> u64 {
@@ -135,9 +188,39 @@ mod tests {
         assert_eq!(c.pts(first), 5_000_000);
         assert_eq!(c.pts(first + 9000), 5_100_000); // ts wrapped to 0
         assert_eq!(c.pts(first + 18_000), 5_200_000);
-        // A backwards step is clamped.
-        assert_eq!(c.pts(first + 9000), 5_200_001);
-        assert_eq!(c.clamped(), 1);
+        // A backwards step is clamped, one millisecond on.
+        assert_eq!(c.pts(first + 9000), 5_201_000);
+        // So is a frame one RTP tick after the last (an SFU's layer switch).
+        assert_eq!(c.pts(first + 18_001), 5_202_000);
+        assert_eq!(c.clamped(), 2);
+    }
+
+    #[test]
+    fn a_moved_mapping_is_converged_on_without_stepping_back() {
+        // 20 ms audio frames timed by arrival; the first Sender Report puts the sender 87 ms
+        // earlier. Frames keep their order and spacing > half a frame, and end on the SR mapping.
+        let mut c = TrackClock::new(48_000);
+        c.on_first_packet(0, 1_000_000);
+        let mut last = 0;
+        for k in 0..50 {
+            last = c.pts(k * 960);
+        }
+        assert_eq!(last, 1_000_000 + 49 * 20_000);
+        let sr = SenderReportTiming { ntp_time: 100 << 32, rtp_time: 49 * 960 };
+        c.on_sender_report(sr, NtpOffset(1_000_000 + 49 * 20_000 - 87_000 - 100_000_000));
+        let mut prev = last;
+        for k in 50..120 {
+            let p = c.pts(k * 960);
+            assert!(p - prev >= 10_000 && p - prev <= 20_000, "frame {k}: {} µs after the previous", p - prev);
+            prev = p;
+        }
+        assert_eq!(Some(prev), c.map(119 * 960), "on the SR mapping after 70 frames");
+        assert_eq!(c.clamped(), 0);
+        assert!(c.slewed() > 5);
+        // A step of the sender's clock (5 s) is taken at once.
+        let sr = SenderReportTiming { ntp_time: 105 << 32, rtp_time: 119 * 960 };
+        c.on_sender_report(sr, NtpOffset(1_000_000 + 49 * 20_000 - 87_000 - 100_000_000));
+        assert_eq!(Some(c.pts(120 * 960)), c.map(120 * 960));
     }
 
     #[test]
