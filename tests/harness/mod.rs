@@ -111,12 +111,15 @@ pub fn ffprobe(path: &Path) -> serde_json::Value {
 
 /// Decodes a file completely and returns what the decoder complained about (empty: clean).
 pub fn decode_errors(path: &Path) -> String {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-i"])
+    // ffprobe decodes every frame of every stream and reports only what the demuxer and decoders
+    // say. `ffmpeg -f null` also reports its own output side: with frames of variable spacing
+    // (a track converging onto its sender's clock, 30 ms apart for a while) its constant-rate
+    // null muxer saw two frames on one tick and called that "non monotonically increasing dts".
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-show_entries", "frame=pts", "-of", "csv=p=0"])
         .arg(path)
-        .args(["-f", "null", "-"])
         .output()
-        .expect("ffmpeg runs");
+        .expect("ffprobe runs");
     let mut s = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
         s.push_str(&format!("\n(exit {:?})", out.status.code()));
