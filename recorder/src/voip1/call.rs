@@ -459,7 +459,9 @@ impl Voip1Call {
             if self.needs_selection() {
                 d.push(at.plus(self.cfg.select_answer_timeout_ms));
             }
-            if let Some(since) = self.local_queue_since {
+            // The batch waits while an answer is being made (`on_tick` does not flush then), so
+            // its deadline counts only after: a past deadline would make the caller spin.
+            if let Some(since) = self.local_queue_since.filter(|_| self.making_answer.is_none()) {
                 d.push(since.plus(self.cfg.candidate_batch_ms));
             }
         }

@@ -677,6 +677,50 @@ fn renegotiation_adds_a_labelled_screen_share() {
 }
 
 #[test]
+fn a_candidate_batch_waits_quietly_while_a_renegotiation_answer_is_made() {
+    // The batch is not sent while the answer is being made, so its deadline must not count: a
+    // deadline in the past made the runtime tick every millisecond until the answer came.
+    let mut h = Harness::new();
+    h.answered();
+    let relay =
+        "candidate:3 1 udp 41885439 198.51.100.1 3478 typ relay raddr 203.0.113.7 rport 40001";
+    h.at(3_000);
+    let negotiate = with(
+        common(ALICE_PARTY),
+        json!({"description": {"type": "offer", "sdp": OFFER}, "lifetime": 60000}),
+    );
+    assert_eq!(
+        h.room(ALICE, "m.call.negotiate", negotiate),
+        vec![
+            Action::Peer(PeerCommand::ApplyRemoteOffer { sdp: OFFER.into() }),
+            Action::Peer(PeerCommand::CreateAnswer)
+        ]
+    );
+    h.at(3_010);
+    assert_eq!(
+        h.peer(PeerEvent::LocalCandidate {
+            candidate: relay.into(),
+            sdp_mid: Some("0".into()),
+            sdp_mline_index: Some(0),
+        }),
+        vec![]
+    );
+    h.at(3_500); // past the 200 ms batch window, the answer still being made
+    assert_eq!(h.tick(), vec![]);
+    let next = h.calls.next_deadline().expect("the answer timeout is pending");
+    assert!(next > UnixMs(T0 + 3_500), "a deadline in the past while the answer is made: {next:?}");
+    // The answer goes out, then the batch with it or on the next tick: exactly once.
+    let mut sent = h.peer(PeerEvent::AnswerCreated { sdp: "v=0\r\na=mid:0\r\n".into() });
+    h.at(3_700);
+    sent.extend(h.tick());
+    let batches: Vec<&Action> = sent
+        .iter()
+        .filter(|a| matches!(a, Action::SendRoomEvent { event_type, .. } if *event_type == "m.call.candidates"))
+        .collect();
+    assert_eq!(batches.len(), 1, "one candidates event after the answer: {sent:?}");
+}
+
+#[test]
 fn negotiate_during_the_initial_answer_waits_its_turn() {
     let mut h = Harness::new();
     h.room(ALICE, "m.call.invite", invite());
