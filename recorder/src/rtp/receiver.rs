@@ -94,6 +94,8 @@ pub struct ReceiverStats {
     pub keyframe_requests: u64,
     /// Frames whose timestamp was moved forward to keep the output strictly increasing.
     pub pts_clamped: u64,
+    /// Frames placed off their mapping while converging onto a moved one (a new Sender Report).
+    pub pts_slewed: u64,
 }
 
 /// A packet that breaks its payload format. It is counted, and its frame will be dropped.
@@ -241,7 +243,7 @@ impl TrackReceiver {
     }
 
     pub fn stats(&self) -> ReceiverStats {
-        ReceiverStats { pts_clamped: self.clock.clamped(), ..self.stats }
+        ReceiverStats { pts_clamped: self.clock.clamped(), pts_slewed: self.clock.slewed(), ..self.stats }
     }
 
     fn process(&mut self, now_us: i64) {
