@@ -12,7 +12,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use transcoder::{
@@ -203,28 +202,6 @@ fn composite(dir: &Path, stage: Stage, a_segs: &[SegmentInfo], duration_us: i64)
     out
 }
 
-fn picture_at(path: &Path, t_us: i64) -> Vec<u8> {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-nostdin", "-i"])
-        .arg(path)
-        .args([
-            "-ss",
-            &format!("{:.3}", t_us as f64 / 1e6),
-            "-frames:v",
-            "1",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(out.stdout.len(), (W * H * 3) as usize);
-    out.stdout
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Seen {
     Red,
@@ -270,7 +247,7 @@ fn fitted(tile: Rect, w: u32, h: u32) -> Rect {
 /// picture's edge. Samples avoid the centre of the tile's bottom, where the name is.
 fn assert_tile(out: &Path, stage: Stage, t_us: i64, (w, h): (u32, u32), colour: Seen) {
     let (a, b) = stage.tiles();
-    let pic = picture_at(out, t_us);
+    let pic = rgb_picture_at(out, t_us as f64 / 1e6, W, H);
     assert_eq!(
         seen(&pic, b.x + b.w / 2, b.y + b.h / 2),
         Seen::Blue,

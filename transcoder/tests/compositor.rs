@@ -119,29 +119,6 @@ fn spec(dir: &Path, with_video: bool) -> CompositeSpec {
     spec
 }
 
-/// The RGB picture of the output at `t` seconds.
-fn picture_at(path: &Path, t: f64) -> Vec<u8> {
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-nostdin", "-i"])
-        .arg(path)
-        .args([
-            "-ss",
-            &format!("{t}"),
-            "-frames:v",
-            "1",
-            "-f",
-            "rawvideo",
-            "-pix_fmt",
-            "rgb24",
-            "-",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(out.stdout.len(), (W * H * 3) as usize);
-    out.stdout
-}
-
 #[derive(Debug, PartialEq)]
 enum Seen {
     Red,
@@ -237,9 +214,9 @@ fn composite_follows_the_timeline() {
     let only_b = layout(W, H, &["b"], None);
     // 0–3 s: A alone, full frame.
     let (x, y) = centre(&one[0].rect);
-    assert_eq!(seen(&picture_at(&out, 1.5), x, y), Seen::Red);
+    assert_eq!(seen(&rgb_picture_at(&out, 1.5, W, H), x, y), Seen::Red);
     // 3–8 s: two tiles, A left and B right.
-    let pic = picture_at(&out, 5.5);
+    let pic = rgb_picture_at(&out, 5.5, W, H);
     let (ax, ay) = centre(&two[0].rect);
     let (bx, by) = centre(&two[1].rect);
     assert_eq!(seen(&pic, ax, ay), Seen::Red);
@@ -247,12 +224,12 @@ fn composite_follows_the_timeline() {
     // Between the tiles, background.
     assert_eq!(seen(&pic, W / 2, 4), Seen::Background);
     // 6–7 s: A's camera muted, so a placeholder tile.
-    let pic = picture_at(&out, 6.5);
+    let pic = rgb_picture_at(&out, 6.5, W, H);
     assert_eq!(seen(&pic, ax, ay), Seen::Placeholder);
     assert_eq!(seen(&pic, bx, by), Seen::Blue);
     // 8–10 s: A has left; B alone.
     let (x, y) = centre(&only_b[0].rect);
-    assert_eq!(seen(&picture_at(&out, 9.0), x, y), Seen::Blue);
+    assert_eq!(seen(&rgb_picture_at(&out, 9.0, W, H), x, y), Seen::Blue);
 
     // The tone starts at 5.0 s on the recording clock: the 3–5 s gap became silence.
     let onset = tone_onset_us(&out).expect("tone not found");
@@ -267,7 +244,7 @@ fn paused_span_shows_a_card_and_is_silent() {
     spec.paused = vec![Interval::new(4 * S, 6 * S)];
     let out = dir.path().join("out.mp4");
     render(&spec, &out, &mut |_| {}).unwrap();
-    let pic = picture_at(&out, 4.5);
+    let pic = rgb_picture_at(&out, 4.5, W, H);
     let two = layout(W, H, &["a", "b"], None);
     let (bx, by) = centre(&two[1].rect);
     // The card is black with white text in the middle; B's tile is hidden.

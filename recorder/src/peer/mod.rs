@@ -416,15 +416,15 @@ pub(crate) fn clock_group(stream_id: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn clock_groups_are_senders() {
-        assert_eq!(super::clock_group("PA_xwf6PoNbCoj3|TR_VCzzmKPYAGw6au"), "PA_xwf6PoNbCoj3");
-        assert_eq!(super::clock_group("PA_xwf6PoNbCoj3|TR_AMLrtiPqamzVqp"), "PA_xwf6PoNbCoj3");
-        assert_eq!(super::clock_group("b242ce31-3246-4da5-a1b2-14f962cd4c48"), "b242ce31-3246-4da5-a1b2-14f962cd4c48");
-        assert_eq!(super::clock_group(""), "");
+        assert_eq!(clock_group("PA_xwf6PoNbCoj3|TR_VCzzmKPYAGw6au"), "PA_xwf6PoNbCoj3");
+        assert_eq!(clock_group("PA_xwf6PoNbCoj3|TR_AMLrtiPqamzVqp"), "PA_xwf6PoNbCoj3");
+        assert_eq!(clock_group("b242ce31-3246-4da5-a1b2-14f962cd4c48"), "b242ce31-3246-4da5-a1b2-14f962cd4c48");
+        assert_eq!(clock_group(""), "");
     }
-
-    use super::*;
 
     #[test]
     fn first_mid_is_found() {

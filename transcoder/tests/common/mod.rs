@@ -168,6 +168,19 @@ pub fn format_duration_us(path: &Path) -> i64 {
     us(&v["format"]["duration"])
 }
 
+/// The `w`x`h` RGB24 picture of the video in `path` at `t_s` seconds.
+pub fn rgb_picture_at(path: &Path, t_s: f64, w: u32, h: u32) -> Vec<u8> {
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-nostdin", "-i"])
+        .arg(path)
+        .args(["-ss", &format!("{t_s:.3}"), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), (w * h * 3) as usize);
+    out.stdout
+}
+
 /// A scratch directory; with MXREC_KEEP_TEST_DIR set it is kept for inspection.
 pub fn tmp() -> tempfile::TempDir {
     let mut dir = tempfile::tempdir().unwrap();
