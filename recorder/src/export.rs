@@ -56,6 +56,7 @@ pub fn composite_spec(
             id: p.id.clone(),
             display_name: p.display_name.clone().unwrap_or_else(|| p.user_id.clone()),
             present: p.present.iter().map(|s| interval(s, duration_us)).collect(),
+            not_recorded: p.opted_out.iter().map(|s| interval(s, duration_us)).collect(),
         })
         .collect();
     let mut tracks = Vec::new();

@@ -10,7 +10,7 @@
 //! [`Env`] holds what every recording shares: the configuration, the store, the catalog, the spool
 //! and the upload queue.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -185,6 +185,8 @@ pub struct Recording {
     pending_uploads: Vec<(ObjectPath, PathBuf, oneshot::Receiver<storage::Result<UploadReport>>)>,
     last_us: i64,
     manifest: Manifest,
+    /// Users who asked not to be recorded: every participant of theirs is left out.
+    opted_out_users: BTreeSet<String>,
     span: tracing::Span,
 }
 
@@ -238,6 +240,7 @@ impl Recording {
             pending_uploads: Vec::new(),
             last_us: 0,
             manifest,
+            opted_out_users: BTreeSet::new(),
             span,
         })
     }
@@ -257,6 +260,9 @@ impl Recording {
             return Ok(());
         }
         self.timeline.joined(&p.id, at_us);
+        if self.opted_out_users.contains(&p.user_id) {
+            self.timeline.set_opted_out(&p.id, true, at_us);
+        }
         let row = self
             .env
             .catalog
@@ -277,6 +283,8 @@ impl Recording {
             return Ok(());
         }
         self.timeline.left(participant, at_us);
+        // An opt-out lasts for the user, not for this presence: a rejoin opens a new span.
+        self.timeline.set_opted_out(participant, false, at_us);
         if let Some(row) = self.participants.get(participant).and_then(|(_, rows)| rows.last()) {
             self.env.catalog.participant_left(row, self.epoch_ms + at_us / 1000).await?;
         }
@@ -344,13 +352,128 @@ impl Recording {
         self.tracks.get(track).and_then(|t| t.writer.as_ref()).is_some_and(TrackWriter::wants_keyframe)
     }
 
+    pub fn is_paused(&self) -> bool {
+        self.timeline.is_paused()
+    }
+
+    /// Whether a user asked not to be recorded.
+    pub fn is_opted_out(&self, user_id: &str) -> bool {
+        self.opted_out_users.contains(user_id)
+    }
+
+    /// Pauses the recording: nothing is written until [`Self::resume`]; every open segment is
+    /// closed now. False when it was paused already.
+    pub async fn pause(&mut self, by: &str, at_us: i64) -> Result<bool> {
+        if self.timeline.is_paused() {
+            return Ok(false);
+        }
+        let at_us = self.control_time(at_us);
+        self.timeline.set_paused(true, at_us);
+        let tracks: Vec<String> = self.tracks.keys().cloned().collect();
+        self.interrupt(&tracks).await?;
+        self.control("pause", by, None, at_us).await?;
+        Ok(true)
+    }
+
+    /// Ends a pause. False when it was not paused.
+    pub async fn resume(&mut self, by: &str, at_us: i64) -> Result<bool> {
+        if !self.timeline.is_paused() {
+            return Ok(false);
+        }
+        let at_us = self.control_time(at_us);
+        self.timeline.set_paused(false, at_us);
+        self.control("resume", by, None, at_us).await?;
+        Ok(true)
+    }
+
+    /// Leaves a user's audio and video out from now on (every device of theirs, and any that
+    /// joins later); their open segments are closed now. False when they had opted out already.
+    pub async fn opt_out(&mut self, user_id: &str, by: &str, at_us: i64) -> Result<bool> {
+        if !self.opted_out_users.insert(user_id.to_owned()) {
+            return Ok(false);
+        }
+        let at_us = self.control_time(at_us);
+        let theirs = self.participants_of(user_id);
+        for p in &theirs {
+            if self.timeline.is_present(p) {
+                self.timeline.set_opted_out(p, true, at_us);
+            }
+        }
+        let tracks: Vec<String> =
+            self.tracks.iter().filter(|(_, t)| theirs.contains(&t.info.participant_id)).map(|(id, _)| id.clone()).collect();
+        self.interrupt(&tracks).await?;
+        self.control("optout", by, Some(user_id), at_us).await?;
+        Ok(true)
+    }
+
+    /// Records a user again. False when they had not opted out.
+    pub async fn opt_in(&mut self, user_id: &str, by: &str, at_us: i64) -> Result<bool> {
+        if !self.opted_out_users.remove(user_id) {
+            return Ok(false);
+        }
+        let at_us = self.control_time(at_us);
+        for p in self.participants_of(user_id) {
+            self.timeline.set_opted_out(&p, false, at_us);
+        }
+        self.control("optin", by, Some(user_id), at_us).await?;
+        Ok(true)
+    }
+
+    /// Notes in the manifest and the audit table that someone started or stopped the recording
+    /// (`action` is `start` or `stop`); a stop also marks where the recording ends at the latest.
+    pub async fn note(&mut self, action: &str, by: &str, at_us: i64) -> Result<()> {
+        let at_us = self.control_time(at_us);
+        if action == "stop" {
+            self.last_us = self.last_us.max(at_us);
+        }
+        self.control(action, by, None, at_us).await
+    }
+
+    fn control_time(&self, at_us: i64) -> i64 {
+        at_us.max(0)
+    }
+
+    fn participants_of(&self, user_id: &str) -> Vec<String> {
+        self.participants.iter().filter(|(_, (p, _))| p.user_id == user_id).map(|(id, _)| id.clone()).collect()
+    }
+
+    /// Closes the open segments of `tracks` (frames are about to be left out).
+    async fn interrupt(&mut self, tracks: &[String]) -> Result<()> {
+        for id in tracks {
+            let Some(w) = self.tracks.get_mut(id).and_then(|t| t.writer.as_mut()) else { continue };
+            let closed = w.interrupt().with_context(|| format!("closing the open segment of track {id}"))?;
+            self.segments_closed(id, closed).await?;
+        }
+        Ok(())
+    }
+
+    async fn control(&mut self, action: &str, by: &str, subject: Option<&str>, at_us: i64) -> Result<()> {
+        self.manifest.control.push(manifest::ControlEvent {
+            at: manifest::wall_clock(self.epoch_ms, at_us),
+            at_us,
+            action: action.to_owned(),
+            by: by.to_owned(),
+            subject: subject.map(str::to_owned),
+        });
+        self.span.in_scope(|| info!(action, by, subject, at_us, "recording control"));
+        self.env
+            .catalog
+            .audit(by, &format!("recording.{action}"), Some(&self.id), serde_json::json!({ "at_us": at_us, "subject": subject }))
+            .await?;
+        Ok(())
+    }
+
     /// Writes one frame. A frame the writer rejects (malformed, out of order) is counted and
     /// logged; the recording goes on. Only an unknown track or a failing spool is an error.
+    /// Frames during a pause, or of a participant who opted out, are left out.
     pub async fn write(&mut self, track: &str, frame: EncodedFrame) -> Result<()> {
         if self.timeline.is_paused() {
             return Ok(());
         }
         let state = self.tracks.get_mut(track).ok_or_else(|| anyhow!("unknown track {track}"))?;
+        if self.timeline.is_opted_out(&state.info.participant_id) {
+            return Ok(());
+        }
         let Some(writer) = state.writer.as_mut() else {
             return Err(anyhow!("track {track} is already finished"));
         };
@@ -513,6 +636,12 @@ impl Recording {
                 present: self
                     .timeline
                     .presence(&p.id, end_us)
+                    .iter()
+                    .map(|s| Span::from_offsets(epoch, s.start_us, Some(s.end_us)))
+                    .collect(),
+                opted_out: self
+                    .timeline
+                    .opted_out(&p.id, end_us)
                     .iter()
                     .map(|s| Span::from_offsets(epoch, s.start_us, Some(s.end_us)))
                     .collect(),
@@ -696,6 +825,8 @@ fn remove_empty_dirs(dir: &Path) -> std::io::Result<bool> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -703,6 +834,111 @@ mod tests {
         assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("sqlite://./data/mxrec.db"), "sqlite://./data/mxrec.db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    /// Two participants each send 8 s of VP8 + Opus; the recording is paused 2–4 s and Bob opts
+    /// out 5–6.5 s. Nothing of either span may be in the stored segments; the manifest says who
+    /// asked what, when.
+    #[tokio::test]
+    async fn pause_and_opt_out_leave_their_spans_out_of_the_stored_tracks() {
+        const S: i64 = 1_000_000;
+        let dir = tempfile::tempdir().unwrap();
+        let media = dir.path().join("in.webm");
+        let ok = std::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=15:duration=8"])
+            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=8"])
+            .args(["-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8", "-g", "15", "-c:a", "libopus"])
+            .arg(&media)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+        config.storage.backend =
+            storage::store::StoreBackend::Local(storage::store::LocalStoreConfig { root: dir.path().join("store") });
+        config.composite.enabled = false;
+        let env = Arc::new(Env::open(&config).await.unwrap());
+        let mut rec = Recording::start(env.clone(), "!room:example.org", CallFlavour::Voip1, None).await.unwrap();
+        let mut tracks = Vec::new();
+        for who in ["alice", "bob"] {
+            let user = format!("@{who}:example.org");
+            rec.participant_joined(ParticipantInfo { id: who.into(), user_id: user, device_id: None, display_name: who.into() }, 0)
+                .await
+                .unwrap();
+            for (codec, source) in [(Codec::Vp8, TrackSource::Camera), (Codec::Opus, TrackSource::Microphone)] {
+                let id = rec.add_track(TrackInfo { participant_id: who.into(), codec, source }).await.unwrap();
+                tracks.push((who, codec, id));
+            }
+        }
+        let mut file = crate::import::MediaFile::open(&media).unwrap();
+        let streams: HashMap<usize, Codec> = file.streams().iter().map(|s| (s.index, s.codec)).collect();
+        let mut frames = Vec::new();
+        while let Some(f) = file.next_frame().unwrap() {
+            frames.push((streams[&f.stream], f.frame));
+        }
+        frames.sort_by_key(|(_, f)| f.pts_us);
+        let (mut paused, mut out, mut back) = (false, false, false);
+        for (codec, frame) in frames {
+            let t = frame.pts_us;
+            if !paused && t >= 2 * S {
+                assert!(rec.pause("@mod:example.org", 2 * S).await.unwrap());
+                assert!(!rec.pause("@mod:example.org", 2 * S).await.unwrap(), "paused already");
+                paused = true;
+            }
+            if paused && rec.is_paused() && t >= 4 * S {
+                assert!(rec.resume("@mod:example.org", 4 * S).await.unwrap());
+            }
+            if !out && t >= 5 * S {
+                assert!(rec.opt_out("@bob:example.org", "@bob:example.org", 5 * S).await.unwrap());
+                assert!(rec.is_opted_out("@bob:example.org"));
+                out = true;
+            }
+            if !back && t >= 6_500_000 {
+                assert!(rec.opt_in("@bob:example.org", "@bob:example.org", 6_500_000).await.unwrap());
+                back = true;
+            }
+            for (_, _, id) in tracks.iter().filter(|(_, c, _)| *c == codec) {
+                rec.write(id, frame.clone()).await.unwrap();
+            }
+        }
+        rec.note("stop", "@mod:example.org", 8 * S).await.unwrap();
+        let done = rec.finish().await.unwrap();
+        let m = &done.manifest;
+        assert_eq!(m.pauses.len(), 1);
+        assert_eq!((m.pauses[0].start_us, m.pauses[0].end_us), (2 * S, Some(4 * S)));
+        let actions: Vec<(&str, &str)> = m.control.iter().map(|c| (c.action.as_str(), c.by.as_str())).collect();
+        assert_eq!(
+            actions,
+            [
+                ("pause", "@mod:example.org"),
+                ("resume", "@mod:example.org"),
+                ("optout", "@bob:example.org"),
+                ("optin", "@bob:example.org"),
+                ("stop", "@mod:example.org")
+            ]
+        );
+        let bob = m.participants.iter().find(|p| p.id == "bob").unwrap();
+        assert_eq!(bob.opted_out.iter().map(|s| (s.start_us, s.end_us)).collect::<Vec<_>>(), [(5 * S, Some(6_500_000))]);
+        assert!(m.participants.iter().find(|p| p.id == "alice").unwrap().opted_out.is_empty());
+        for t in &m.tracks {
+            let who = t.participant.as_str();
+            assert!(!t.segments.is_empty(), "{} has segments", t.id);
+            for seg in &t.segments {
+                let inside = |a: i64, b: i64| seg.start_us < b && seg.end_us > a;
+                assert!(!inside(2 * S + 100_000, 4 * S), "{}: segment {}..{} reaches into the pause", t.id, seg.start_us, seg.end_us);
+                if who == "bob" {
+                    assert!(!inside(5 * S + 100_000, 6_500_000), "{}: segment {}..{} reaches into the opt-out", t.id, seg.start_us, seg.end_us);
+                }
+            }
+            let covered = |at: i64| t.segments.iter().any(|s| s.start_us <= at && s.end_us > at);
+            let spans: Vec<(i64, i64)> = t.segments.iter().map(|s| (s.start_us, s.end_us)).collect();
+            assert!(covered(S) && covered(7_600_000), "{} records before and after: {spans:?}", t.id);
+            if who == "alice" {
+                assert!(covered(5_500_000), "alice is recorded while bob is opted out");
+            }
+        }
+        let audit = env.catalog.audit_events(&done.recording_id).await.unwrap();
+        assert!(audit.iter().any(|e| e.action == "recording.optout" && e.actor == "@bob:example.org"));
+        assert!(audit.iter().any(|e| e.action == "recording.pause" && e.actor == "@mod:example.org"));
     }
 
     #[test]

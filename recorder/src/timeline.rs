@@ -61,6 +61,7 @@ pub struct Timeline {
     presence: BTreeMap<String, Edges>,
     mutes: BTreeMap<String, Edges>,
     undecryptable: BTreeMap<String, Edges>,
+    opted_out: BTreeMap<String, Edges>,
     pauses: Edges,
 }
 
@@ -101,6 +102,24 @@ impl Timeline {
 
     pub fn undecryptable(&self, track: &str, end_us: i64) -> Vec<Span> {
         self.undecryptable.get(track).map(|e| e.spans(end_us)).unwrap_or_default()
+    }
+
+    /// A participant asked not to be recorded (or to be recorded again).
+    pub fn set_opted_out(&mut self, participant: &str, out: bool, at_us: i64) {
+        let e = self.opted_out.entry(participant.to_string()).or_default();
+        if out {
+            e.on(at_us)
+        } else {
+            e.off(at_us)
+        }
+    }
+
+    pub fn is_opted_out(&self, participant: &str) -> bool {
+        self.opted_out.get(participant).is_some_and(Edges::is_on)
+    }
+
+    pub fn opted_out(&self, participant: &str, end_us: i64) -> Vec<Span> {
+        self.opted_out.get(participant).map(|e| e.spans(end_us)).unwrap_or_default()
     }
 
     pub fn set_paused(&mut self, paused: bool, at_us: i64) {
@@ -182,5 +201,17 @@ mod tests {
         assert_eq!(t.mutes("a/cam", 100), vec![s(10, 20)]);
         assert_eq!(t.pauses(100), vec![s(15, 25)]);
         assert!(t.mutes("b/mic", 100).is_empty());
+    }
+
+    #[test]
+    fn opt_out_spans_are_per_participant_and_close_at_the_end() {
+        let mut t = Timeline::default();
+        t.set_opted_out("a", true, 10);
+        t.set_opted_out("a", true, 12); // twice: the first stands
+        assert!(t.is_opted_out("a") && !t.is_opted_out("b"));
+        t.set_opted_out("a", false, 20);
+        t.set_opted_out("a", true, 30);
+        assert_eq!(t.opted_out("a", 50), vec![s(10, 20), s(30, 50)]);
+        assert!(t.opted_out("b", 50).is_empty());
     }
 }

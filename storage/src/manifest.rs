@@ -134,6 +134,26 @@ pub struct Manifest {
     /// Spans in which recording was paused (nothing captured).
     pub pauses: Vec<Span>,
     pub outputs: Vec<OutputInfo>,
+    /// What people asked of the recording while it ran (start, pause, resume, stop, opt-out,
+    /// opt-in), in order, with who asked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub control: Vec<ControlEvent>,
+}
+
+/// One request that changed what was recorded: `!rec pause` in a room, an opt-out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlEvent {
+    pub at: DateTime<Utc>,
+    /// Offset on the recording clock.
+    pub at_us: i64,
+    /// `start`, `pause`, `resume`, `stop`, `optout` or `optin`.
+    pub action: String,
+    /// Who asked (a Matrix user id, or `config` / `mxrec` for automatic actions).
+    pub by: String,
+    /// Whom it concerns, when not everyone (the user who opted out or in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -165,6 +185,9 @@ pub struct ParticipantInfo {
     pub display_name: Option<String>,
     /// Presence intervals, in order; a rejoin is a new interval.
     pub present: Vec<Span>,
+    /// Spans in which the participant had opted out: none of their media was recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub opted_out: Vec<Span>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -234,6 +257,7 @@ impl Manifest {
             tracks: Vec::new(),
             pauses: Vec::new(),
             outputs: Vec::new(),
+            control: Vec::new(),
         }
     }
 
@@ -318,6 +342,9 @@ impl Manifest {
             }
             for (i, s) in p.present.iter().enumerate() {
                 check_span(&format!("participant `{}` present[{i}]", p.id), s)?;
+            }
+            for (i, s) in p.opted_out.iter().enumerate() {
+                check_span(&format!("participant `{}` opted_out[{i}]", p.id), s)?;
             }
         }
         let mut tracks = HashSet::new();
@@ -421,6 +448,14 @@ mod tests {
                 Span::from_offsets(EPOCH, 0, Some(30_000_000)),
                 Span::from_offsets(EPOCH, 40_000_000, None),
             ],
+            opted_out: vec![Span::from_offsets(EPOCH, 50_000_000, Some(55_000_000))],
+        });
+        m.control.push(ControlEvent {
+            at: wall_clock(EPOCH, 50_000_000),
+            at_us: 50_000_000,
+            action: "optout".into(),
+            by: "@alice:example.org".into(),
+            subject: Some("@alice:example.org".into()),
         });
         m.tracks.push(TrackInfo {
             id: "t1".into(),

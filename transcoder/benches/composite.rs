@@ -106,6 +106,7 @@ fn main() {
             id: id.clone(),
             display_name: format!("Participant {i}"),
             present: vec![Interval::new(0, spec.duration_us)],
+            not_recorded: vec![],
         });
         spec.tracks.push(CompositeTrack {
             participant_id: id.clone(),

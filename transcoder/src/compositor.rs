@@ -54,6 +54,10 @@ pub struct CompositeParticipant {
     pub id: String,
     pub display_name: String,
     pub present: Vec<Interval>,
+    /// Times the participant asked not to be recorded: their tracks are left out (as if muted)
+    /// and their tile reads "not recorded".
+    #[serde(default)]
+    pub not_recorded: Vec<Interval>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +245,15 @@ fn coverage(track: &CompositeTrack) -> Vec<Interval> {
         .collect()
 }
 
+/// When a track must not be seen or heard: muted by its sender, or its participant not recorded.
+fn hidden(spec: &CompositeSpec, t: &CompositeTrack) -> Vec<Interval> {
+    let mut v = t.muted.clone();
+    if let Some(p) = spec.participants.iter().find(|p| p.id == t.participant_id) {
+        v.extend(p.not_recorded.iter().copied());
+    }
+    merge(v)
+}
+
 fn plan(spec: &CompositeSpec) -> Plan {
     crate::init();
     let whole = [Interval::new(0, spec.duration_us)];
@@ -261,7 +274,7 @@ fn plan(spec: &CompositeSpec) -> Plan {
         .tracks
         .iter()
         .zip(&covered)
-        .map(|(t, c)| intersect(&subtract(c, &t.muted), &whole))
+        .map(|(t, c)| intersect(&subtract(c, &hidden(spec, t)), &whole))
         .collect();
     let present = |pid: &str| -> Vec<Interval> {
         spec.participants
@@ -515,6 +528,18 @@ fn graph_text(spec: &CompositeSpec, plan: &Plan) -> String {
                     "drawtext=fontfile={font}:expansion=none:text={}:fontsize={size}:fontcolor=white:box=1:boxcolor=black@0.55:boxborderw=6:x={}+({}-tw)/2:y={}-line_h-{}:{}",
                     escape_value(&name), r.x, r.w, r.y + r.h, size / 2 + 6, enable_expr(&[e.span])
                 ));
+                let not_recorded = spec
+                    .participants
+                    .iter()
+                    .find(|p| p.id == t.participant_id)
+                    .map(|p| intersect(&merge(p.not_recorded.clone()), &[e.span]))
+                    .unwrap_or_default();
+                if t.kind != TileKind::Screen && !not_recorded.is_empty() {
+                    top.push(format!(
+                        "drawtext=fontfile={font}:expansion=none:text={}:fontsize={size}:fontcolor=white:x={}+({}-tw)/2:y={}+({}-th)/2:{}",
+                        escape_value("not recorded"), r.x, r.w, r.y, r.h, enable_expr(&not_recorded)
+                    ));
+                }
             }
         }
         if !spec.paused.is_empty() {
@@ -544,7 +569,7 @@ fn graph_text(spec: &CompositeSpec, plan: &Plan) -> String {
         let mut chain =
             format!("[{ti}:a]aresample=async=1:min_hard_comp=0.02:first_pts=0,{fmt}");
         let muted = intersect(
-            &merge(t.muted.clone()),
+            &hidden(spec, t),
             &[Interval::new(0, spec.duration_us)],
         );
         if !muted.is_empty() {

@@ -207,6 +207,20 @@ impl TrackWriter {
         }
     }
 
+    /// Ends the open segment here because frames will be left out for a while (a pause, an
+    /// opt-out): the segment is closed and returned, and the next one starts with the next
+    /// frame written (for video, the next keyframe), so no file spans the gap.
+    pub fn interrupt(&mut self) -> Result<Vec<SegmentInfo>, TranscodeError> {
+        if self.closed {
+            return Ok(Vec::new());
+        }
+        if let Some(p) = self.pending.take() {
+            let d = self.last_interval_us.unwrap_or(DEFAULT_VIDEO_FRAME_US);
+            self.put(&p.data, p.pts_us, d, p.keyframe)?;
+        }
+        Ok(self.close_open()?.into_iter().collect())
+    }
+
     /// Closes the open segment and returns it (and nothing more can be written).
     pub fn finish(mut self) -> Result<Vec<SegmentInfo>, TranscodeError> {
         self.close_all()

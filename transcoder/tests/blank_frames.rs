@@ -166,6 +166,7 @@ fn composite(dir: &Path, stage: Stage, a_segs: &[SegmentInfo], duration_us: i64)
             id: id.to_string(),
             display_name: id.to_uppercase(),
             present: vec![Interval::new(0, duration_us)],
+            not_recorded: vec![],
         })
         .collect();
     let video = |pid: &str, source, segs: &[SegmentInfo]| CompositeTrack {

@@ -83,11 +83,13 @@ fn spec(dir: &Path, with_video: bool) -> CompositeSpec {
             id: "a".into(),
             display_name: "Alice O'Neil: host".into(),
             present: vec![Interval::new(0, 8 * S)],
+            not_recorded: vec![],
         },
         CompositeParticipant {
             id: "b".into(),
             display_name: "Bob [guest]".into(),
             present: vec![Interval::new(3 * S, 10 * S)],
+            not_recorded: vec![],
         },
     ];
     spec.tracks.push(CompositeTrack {
@@ -252,6 +254,38 @@ fn paused_span_shows_a_card_and_is_silent() {
     // The tone begins inside the pause, so it is first heard when the pause ends.
     let onset = tone_onset_us(&out).expect("tone not found");
     assert!((onset - 6 * S).abs() <= 25_000, "tone onset at {onset} us");
+}
+
+#[test]
+fn an_opted_out_participant_is_a_not_recorded_tile_and_silent() {
+    let dir = tmp();
+    let mut spec = spec(dir.path(), true);
+    // A opts out from 4.5 s to 6.5 s: the tone (from 5 s) is first heard at 6.5 s.
+    spec.participants[0].not_recorded = vec![Interval::new(4_500_000, 6_500_000)];
+    let out = dir.path().join("out.mp4");
+    let report = render(&spec, &out, &mut |_| {}).unwrap();
+    assert_eq!(report.decode_errors, 0);
+    let two = layout(W, H, &["a", "b"], None);
+    let (ax, ay) = centre(&two[0].rect);
+    let (bx, by) = centre(&two[1].rect);
+    let pic = rgb_picture_at(&out, 5.0, W, H);
+    assert_eq!(seen(&pic, ax, ay), Seen::Placeholder, "A's camera is left out");
+    assert_eq!(seen(&pic, bx, by), Seen::Blue, "B is recorded as before");
+    // The label sits in the middle of A's tile: white text on the placeholder.
+    let r = &two[0].rect;
+    let white = (r.x..r.x + r.w)
+        .flat_map(|x| (r.y + r.h / 2 - 10..r.y + r.h / 2 + 10).map(move |y| (x, y)))
+        .filter(|&(x, y)| {
+            let i = ((y * W + x) * 3) as usize;
+            pic[i] > 200 && pic[i + 1] > 200 && pic[i + 2] > 200
+        })
+        .count();
+    assert!(white > 50, "no label in A's tile ({white} white pixels)");
+    // Before and after, A is seen again.
+    assert_eq!(seen(&rgb_picture_at(&out, 4.0, W, H), ax, ay), Seen::Red);
+    assert_eq!(seen(&rgb_picture_at(&out, 7.5, W, H), ax, ay), Seen::Red);
+    let onset = tone_onset_us(&out).expect("tone not found");
+    assert!((onset - 6_500_000).abs() <= 25_000, "tone onset at {onset} us");
 }
 
 #[test]

@@ -189,6 +189,40 @@ fn video_waits_for_a_keyframe_and_asks_for_one() {
 }
 
 #[test]
+fn an_interruption_closes_the_segment_and_the_next_one_starts_on_a_keyframe() {
+    let dir = tmp();
+    let src = fixture_gop(dir.path(), Codec::Vp8, 45);
+    let pkts = packets(&src);
+    let mut w = TrackWriter::new(config(dir.path(), Codec::Vp8)).unwrap();
+    // Frames 0..40 written, then a pause: 40..70 are left out, writing goes on at 70 (mid-GOP).
+    let mut segs = Vec::new();
+    for p in &pkts[..40] {
+        segs.extend(w.write(frame(p, 0)).unwrap());
+    }
+    let before = w.interrupt().unwrap();
+    assert_eq!(before.len(), 1, "the open segment is closed at once");
+    assert_eq!(before[0].frames, 40, "with every frame written before the pause");
+    assert!(w.wants_keyframe(), "after the pause video waits for a keyframe");
+    assert!(w.interrupt().unwrap().is_empty(), "a second interruption closes nothing");
+    segs.extend(before);
+    let next_key = 70 + pkts[70..].iter().position(|p| p.key).unwrap();
+    for p in &pkts[70..] {
+        segs.extend(w.write(frame(p, 0)).unwrap());
+    }
+    segs.extend(w.finish().unwrap());
+    assert_eq!(w_dropped(&segs, &pkts), (next_key - 70) as u64 + 30);
+    let after = &segs[1];
+    assert_eq!(after.start_us, pkts[next_key].pts_us, "the next segment starts on the next keyframe");
+    assert!(segs[0].end_us <= pkts[41].pts_us, "no segment spans the pause");
+    assert!(segs.iter().all(|s| decode_errors(&s.path).is_empty()));
+}
+
+/// Frames of `pkts` that are in no segment.
+fn w_dropped(segs: &[SegmentInfo], pkts: &[Packet]) -> u64 {
+    pkts.len() as u64 - segs.iter().map(|s| s.frames).sum::<u64>()
+}
+
+#[test]
 fn resolution_change_starts_a_new_segment() {
     let dir = tmp();
     let a = p(dir.path(), "a.webm");
