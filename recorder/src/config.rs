@@ -11,6 +11,7 @@
 //! names a known section or top-level key are read, so unrelated `MXREC_*` variables (test
 //! harness coordinates, for instance) are never mistaken for configuration.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Toml};
@@ -150,6 +151,11 @@ pub struct HttpConfig {
     /// After SIGINT/SIGTERM, how long open connections (downloads) may finish before the server
     /// closes them.
     pub shutdown_grace_secs: u64,
+    /// Members-only links: where to check a Matrix OpenID token, by the server name the token
+    /// claims (`"example.org"` → `"https://matrix.example.org"`, the base URL serving
+    /// `/_matrix/federation/v1/openid/userinfo`). A server not listed is found through
+    /// `https://<name>/.well-known/matrix/server`, else at `https://<name>:8448`.
+    pub openid_homeservers: BTreeMap<String, String>,
 }
 
 impl Default for HttpConfig {
@@ -162,6 +168,7 @@ impl Default for HttpConfig {
             request_timeout_secs: 30,
             max_body_bytes: 64 * 1024,
             shutdown_grace_secs: 10,
+            openid_homeservers: BTreeMap::new(),
         }
     }
 }
@@ -198,6 +205,16 @@ impl HttpConfig {
         }
         if self.request_timeout_secs == 0 {
             bad("http.request_timeout_secs", "must be at least 1".into());
+        }
+        for (name, base) in &self.openid_homeservers {
+            let key = format!("http.openid_homeservers.\"{name}\"");
+            if !crate::http::openid::is_server_name(name) {
+                bad(&key, format!("`{name}` is not a Matrix server name like example.org or example.org:8448"));
+            }
+            let rest = base.strip_prefix("https://").or_else(|| base.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.starts_with('/') || r.contains(['?', '#', ' '])) {
+                bad(&key, format!("`{base}` is not an http(s):// base URL without query or fragment"));
+            }
         }
     }
 }
@@ -597,6 +614,29 @@ mod tests {
         let cfg = with_env(&[], || Config::load(None)).unwrap();
         assert!(matches!(cfg.storage.backend, storage::StoreBackend::Local(_)));
         assert_eq!(cfg.composite.width, 1280);
+    }
+
+    #[test]
+    fn openid_homeservers_take_dotted_server_names_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "[http.openid_homeservers]\n\"example.org\" = \"https://matrix.example.org\"\n\
+             \"localhost:8448\" = \"http://127.0.0.1:8008/\"\n",
+        )
+        .unwrap();
+        let cfg = with_env(&[], || Config::load(Some(&path))).unwrap();
+        assert_eq!(cfg.http.openid_homeservers.len(), 2, "{:?}", cfg.http.openid_homeservers);
+        assert_eq!(cfg.http.openid_homeservers["example.org"], "https://matrix.example.org");
+        assert_eq!(cfg.http.openid_homeservers["localhost:8448"], "http://127.0.0.1:8008/");
+        assert!(cfg.validate().iter().all(|p| !p.key.starts_with("http.")), "{:?}", cfg.validate());
+
+        std::fs::write(&path, "[http.openid_homeservers]\n\"bad name/x\" = \"ftp://x\"\n").unwrap();
+        let cfg = with_env(&[], || Config::load(Some(&path))).unwrap();
+        let problems: Vec<_> = cfg.validate().into_iter().filter(|p| p.key.starts_with("http.")).collect();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().all(|p| p.key == "http.openid_homeservers.\"bad name/x\""), "{problems:?}");
     }
 
     #[test]

@@ -915,6 +915,11 @@ pub struct LinkRecord {
     /// `None` never expires (mxrec always sets one; the column allows NULL).
     pub expires_at_ms: Option<i64>,
     pub revoked_at_ms: Option<i64>,
+    /// A members-only link: besides the token, whoever opens it must prove they are a current
+    /// member of this Matrix room (`!id:server`). `None` is a plain link. The catalog only keeps
+    /// the room; checking membership is the HTTP side's job.
+    #[serde(default)]
+    pub members_room: Option<String>,
 }
 
 /// Why a stored link does not serve any more.
@@ -939,7 +944,7 @@ impl LinkRecord {
 }
 
 const LINK_COLS: &str =
-    "token_hash, recording_id, object_key, created_at_ms, expires_at_ms, revoked_at_ms";
+    "token_hash, recording_id, object_key, created_at_ms, expires_at_ms, revoked_at_ms, members_room";
 
 fn link_from_row(r: &AnyRow) -> Result<LinkRecord> {
     Ok(LinkRecord {
@@ -949,6 +954,7 @@ fn link_from_row(r: &AnyRow) -> Result<LinkRecord> {
         created_at_ms: r.try_get("created_at_ms")?,
         expires_at_ms: r.try_get("expires_at_ms")?,
         revoked_at_ms: r.try_get("revoked_at_ms")?,
+        members_room: r.try_get("members_room")?,
     })
 }
 
@@ -963,8 +969,8 @@ impl Catalog {
     /// Store a new link. The recording must exist (foreign key); a hash collision is an error.
     pub async fn insert_link(&self, link: &LinkRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO links (token_hash, recording_id, object_key, created_at_ms, expires_at_ms, revoked_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO links (token_hash, recording_id, object_key, created_at_ms, expires_at_ms, revoked_at_ms, members_room) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(link.token_hash.as_str())
         .bind(link.recording_id.as_str())
@@ -972,6 +978,7 @@ impl Catalog {
         .bind(link.created_at_ms)
         .bind(link.expires_at_ms)
         .bind(link.revoked_at_ms)
+        .bind(link.members_room.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -1041,6 +1048,7 @@ mod link_tests {
             created_at_ms: 0,
             expires_at_ms: expires,
             revoked_at_ms: revoked,
+            members_room: None,
         }
     }
 
@@ -1074,8 +1082,14 @@ mod link_tests {
         a.recording_id = rec.id.clone();
         let mut b = a.clone();
         b.token_hash = "11".repeat(32);
+        b.members_room = Some("!room:example.org".into());
         cat.insert_link(&a).await.unwrap();
         cat.insert_link(&b).await.unwrap();
+        assert_eq!(
+            cat.link_by_token_hash(&b.token_hash).await.unwrap(),
+            Some(b.clone()),
+            "the members-only room round-trips"
+        );
         assert!(cat.insert_link(&a).await.is_err(), "duplicate hash");
         assert_eq!(
             cat.link_by_token_hash(&a.token_hash).await.unwrap(),

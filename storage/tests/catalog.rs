@@ -4,9 +4,43 @@
 mod common;
 
 use sqlx::{AssertSqlSafe, Connection};
-use storage::catalog::{Segment, Track, Upload, UploadState};
+use storage::catalog::{LinkRecord, Segment, Track, Upload, UploadState};
 use storage::manifest::{CallFlavour, TrackKind, TrackSource};
 use storage::{Catalog, Error, RecordingState};
+
+/// Share links of both kinds keep what they are: the members-only room round-trips, plain links
+/// have none.
+async fn links_scenario(catalog: &Catalog) {
+    let call = catalog
+        .create_call(&"!links:example.org".into(), CallFlavour::Import, None, 1_000)
+        .await
+        .unwrap();
+    let rec = catalog.create_recording(&call.id, 1_000).await.unwrap();
+    let plain = LinkRecord {
+        token_hash: "aa".repeat(32),
+        recording_id: rec.id.clone(),
+        object_key: "rooms/x/call.mp4".into(),
+        created_at_ms: 1_000,
+        expires_at_ms: Some(i64::MAX),
+        revoked_at_ms: None,
+        members_room: None,
+    };
+    let members = LinkRecord {
+        token_hash: "bb".repeat(32),
+        members_room: Some("!links:example.org".into()),
+        ..plain.clone()
+    };
+    catalog.insert_link(&plain).await.unwrap();
+    catalog.insert_link(&members).await.unwrap();
+    assert_eq!(
+        catalog.links_of_recording(&rec.id).await.unwrap(),
+        vec![plain.clone(), members.clone()]
+    );
+    assert_eq!(
+        catalog.link_by_token_hash(&members.token_hash).await.unwrap(),
+        Some(members)
+    );
+}
 
 async fn scenario(catalog: &Catalog) {
     let room = storage::RoomId::new("!room:example.org");
@@ -251,6 +285,7 @@ async fn catalog_on_sqlite() {
     let url = format!("sqlite://{}/nested/mxrec.db", dir.path().display());
     let catalog = Catalog::connect(&url).await.unwrap();
     scenario(&catalog).await;
+    links_scenario(&catalog).await;
     catalog.close().await;
     // Reopening runs the (already applied) migrations again and sees the same data.
     let again = Catalog::connect(&url).await.unwrap();
@@ -293,6 +328,7 @@ async fn catalog_on_postgres() {
 
     let catalog = Catalog::connect(&url).await.unwrap();
     scenario(&catalog).await;
+    links_scenario(&catalog).await;
     catalog.close().await;
     let again = Catalog::connect(&url).await.unwrap();
     assert_eq!(
@@ -309,4 +345,47 @@ async fn catalog_on_postgres() {
         .execute(&mut admin)
         .await
         .unwrap();
+}
+
+/// A catalog made before members-only links existed (only the first migration applied, one link
+/// in it) is migrated on connect, and its link stays a plain one.
+#[tokio::test]
+async fn links_of_an_older_catalog_stay_plain_after_the_upgrade() {
+    common::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("migrations");
+    std::fs::create_dir(&first).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut names: Vec<_> = std::fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 2, "{names:?}");
+    std::fs::copy(src.join(&names[0]), first.join(&names[0])).unwrap();
+
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(first.as_path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "INSERT INTO rooms VALUES ('!old:x', NULL, 1, 1); \
+         INSERT INTO calls VALUES ('c', '!old:x', NULL, 'import', 1, NULL); \
+         INSERT INTO recordings VALUES ('r', '!old:x', 'c', 'published', NULL, 1, 2, NULL, 1, 2); \
+         INSERT INTO links VALUES ('cc', 'r', 'k/call.mp4', 1, 99, NULL);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let catalog = Catalog::connect(&url).await.unwrap();
+    let link = catalog.link_by_token_hash("cc").await.unwrap().unwrap();
+    assert_eq!(link.members_room, None);
+    assert_eq!(link.expires_at_ms, Some(99));
+    catalog.close().await;
 }

@@ -6,13 +6,14 @@
 //! nothing is ever held whole in memory.
 //!
 //! Unknown, malformed, expired and revoked tokens get the same 404 with the same text, so the
-//! answer does not tell which links exist. Each request on an existing link is audited before any
+//! answer does not tell which links exist. A members-only link serves only with a grant
+//! (`?grant=…`, see [`super::members`]); without one it answers with the page that gets one. Each request on an existing link is audited before any
 //! byte is sent; when the audit cannot be written the request fails rather than go unrecorded.
 
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use object_store::path::Path as ObjectPath;
@@ -22,6 +23,7 @@ use storage::catalog::LinkRecord;
 use tracing::{debug, warn};
 
 use super::links::{link_id, Lookup};
+use super::members;
 use super::metrics::link_fetch;
 use super::range::{self, ByteRange};
 use super::HttpState;
@@ -32,6 +34,7 @@ const UNAVAILABLE: &str = "The recording cannot be served right now; try again l
 pub(crate) async fn serve_link(
     State(state): State<Arc<HttpState>>,
     Path(token): Path<String>,
+    RawQuery(query): RawQuery,
     method: Method,
     headers: HeaderMap,
 ) -> Response {
@@ -56,6 +59,15 @@ pub(crate) async fn serve_link(
             return unavailable();
         }
     };
+    // For a members-only link, who proved membership; the audit trail names them.
+    let member = match &link.members_room {
+        None => None,
+        Some(_) => match members::admit(&state, &link, query.as_deref()).await {
+            Ok(user) => Some(user),
+            Err(answer) => return answer,
+        },
+    };
+    let member = member.as_ref().map(|u| u.as_str());
     let key = match ObjectPath::parse(&link.object_key) {
         Ok(k) => k,
         Err(e) => {
@@ -87,7 +99,7 @@ pub(crate) async fn serve_link(
                 return unavailable();
             }
         };
-        if !audit_fetch(&state, &link, &method, StatusCode::TEMPORARY_REDIRECT, None).await {
+        if !audit_fetch(&state, &link, &method, StatusCode::TEMPORARY_REDIRECT, None, member).await {
             return unavailable();
         }
         link_fetch("redirected");
@@ -146,7 +158,7 @@ pub(crate) async fn serve_link(
 
     let (status, slice) = match wanted {
         ByteRange::Unsatisfiable => {
-            if !audit_fetch(&state, &link, &method, StatusCode::RANGE_NOT_SATISFIABLE, range_header).await {
+            if !audit_fetch(&state, &link, &method, StatusCode::RANGE_NOT_SATISFIABLE, range_header, member).await {
                 return unavailable();
             }
             link_fetch("unsatisfiable");
@@ -164,7 +176,7 @@ pub(crate) async fn serve_link(
     h.insert(header::CONTENT_DISPOSITION, header_value(disposition));
     h.insert(header::CONTENT_LENGTH, header_value((slice.end - slice.start).to_string()));
 
-    if !audit_fetch(&state, &link, &method, status, range_header).await {
+    if !audit_fetch(&state, &link, &method, status, range_header, member).await {
         return unavailable();
     }
     link_fetch("served");
@@ -188,14 +200,19 @@ async fn audit_fetch(
     method: &Method,
     status: StatusCode,
     range: Option<&str>,
+    member: Option<&str>,
 ) -> bool {
-    let detail = serde_json::json!({
+    let mut detail = serde_json::json!({
         "link": link_id(&link.token_hash),
         "object_key": link.object_key,
         "method": method.as_str(),
         "status": status.as_u16(),
         "range": range,
     });
+    if let Some(user) = member {
+        detail["user"] = user.into();
+        detail["members_room"] = link.members_room.as_deref().into();
+    }
     match state.catalog.audit("http", "link.fetched", Some(&link.recording_id), detail).await {
         Ok(_) => true,
         Err(e) => {
@@ -206,11 +223,11 @@ async fn audit_fetch(
     }
 }
 
-fn refused() -> Response {
+pub(crate) fn refused() -> Response {
     (StatusCode::NOT_FOUND, [(header::CACHE_CONTROL, "no-store")], GONE).into_response()
 }
 
-fn unavailable() -> Response {
+pub(crate) fn unavailable() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [(header::CACHE_CONTROL, "no-store")], UNAVAILABLE).into_response()
 }
 
@@ -262,6 +279,7 @@ mod tests {
             created_at_ms: 0,
             expires_at_ms: None,
             revoked_at_ms: None,
+            members_room: None,
         }
     }
 

@@ -5,6 +5,10 @@
 //! base64. The catalog stores only its SHA-256, so the database (or a backup of it) cannot be
 //! turned back into working links, and the token itself exists only in the issued URL. Issuing and
 //! revoking land in the audit trail; so does every use, from the download handler.
+//!
+//! A members-only link ([`Links::issue_members_only`]) names a Matrix room as well: holding the
+//! token is not enough, the person opening it must also prove (see [`super::members`]) that they
+//! are a current member of that room.
 
 use std::fmt;
 use std::time::Duration;
@@ -34,6 +38,8 @@ pub enum LinkError {
     NotStored { recording: RecordingId, what: &'static str, state: String },
     #[error("`{0}` is not a valid object key")]
     BadKey(String),
+    #[error("`{0}` is not a Matrix room id like !abc:example.org; no link was issued")]
+    BadRoom(String),
     #[error("reading the manifest of recording {recording}: {reason}")]
     Manifest { recording: RecordingId, reason: String },
     #[error(transparent)]
@@ -51,6 +57,8 @@ pub struct Link {
     pub object_key: String,
     /// A short, non-secret name of the link (a prefix of the token's hash) for logs and audit.
     pub id: String,
+    /// Set for a members-only link: the room whose current members may open it.
+    pub members_room: Option<String>,
 }
 
 impl fmt::Debug for Link {
@@ -60,6 +68,7 @@ impl fmt::Debug for Link {
             .field("recording_id", &self.recording_id)
             .field("object_key", &self.object_key)
             .field("expires_at", &self.expires_at)
+            .field("members_room", &self.members_room)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +102,31 @@ impl Links {
 
     /// A new link to `object_key` (relative to the store) of `recording`, valid for `ttl`.
     pub async fn issue(&self, recording: &RecordingId, object_key: &str, ttl: Duration) -> Result<Link, LinkError> {
+        self.issue_link(recording, object_key, ttl, None).await
+    }
+
+    /// A new members-only link: like [`Links::issue`], and it opens only for someone who proves
+    /// with a Matrix OpenID token that they are a current member of `room_id` when they open it.
+    pub async fn issue_members_only(
+        &self,
+        recording: &RecordingId,
+        object_key: &str,
+        ttl: Duration,
+        room_id: &str,
+    ) -> Result<Link, LinkError> {
+        if !is_room_id(room_id) {
+            return Err(LinkError::BadRoom(room_id.to_owned()));
+        }
+        self.issue_link(recording, object_key, ttl, Some(room_id)).await
+    }
+
+    async fn issue_link(
+        &self,
+        recording: &RecordingId,
+        object_key: &str,
+        ttl: Duration,
+        members_room: Option<&str>,
+    ) -> Result<Link, LinkError> {
         let key = ObjectPath::parse(object_key).map_err(|_| LinkError::BadKey(object_key.to_owned()))?;
         if key.as_ref().is_empty() {
             return Err(LinkError::BadKey(object_key.to_owned()));
@@ -112,6 +146,7 @@ impl Links {
             created_at_ms: now,
             expires_at_ms: Some(expires_at_ms),
             revoked_at_ms: None,
+            members_room: members_room.map(str::to_owned),
         };
         self.catalog.insert_link(&record).await?;
         let id = link_id(&hash).to_owned();
@@ -120,7 +155,12 @@ impl Links {
                 "mxrec",
                 "link.issued",
                 Some(recording),
-                serde_json::json!({ "link": id, "object_key": record.object_key, "expires_at_ms": expires_at_ms }),
+                serde_json::json!({
+                    "link": id,
+                    "object_key": record.object_key,
+                    "expires_at_ms": expires_at_ms,
+                    "members_room": record.members_room,
+                }),
             )
             .await?;
         Ok(Link {
@@ -130,6 +170,7 @@ impl Links {
             recording_id: recording.clone(),
             object_key: record.object_key,
             id,
+            members_room: record.members_room,
         })
     }
 
@@ -191,6 +232,14 @@ pub fn hash_token(token: &str) -> String {
 /// The non-secret short name of a link, from its hash.
 pub fn link_id(token_hash: &str) -> &str {
     &token_hash[..token_hash.len().min(16)]
+}
+
+/// A room id as the Matrix spec shapes it: `!` and an opaque part, usually `:server` after it
+/// (room version 12 ids have none). At most 255 bytes, no whitespace or control characters.
+pub fn is_room_id(s: &str) -> bool {
+    s.len() <= 255
+        && s.strip_prefix('!').is_some_and(|rest| !rest.is_empty() && !rest.starts_with(':'))
+        && s.chars().all(|c| !c.is_whitespace() && !c.is_control())
 }
 
 fn is_well_formed(token: &str) -> bool {
@@ -276,6 +325,16 @@ mod tests {
         assert!(is_well_formed(&a), "{a}");
         assert_eq!(hash_token(&a).len(), 64);
         assert_ne!(hash_token(&a), hash_token(&b));
+    }
+
+    #[test]
+    fn room_ids_are_recognised() {
+        for ok in ["!abc:example.org", "!abc:localhost:8448", "!31hneApxJ_1o-63DmFrpeqnkFfWppnzWso1JvH3ogLM"] {
+            assert!(is_room_id(ok), "{ok}");
+        }
+        for bad in ["", "!", "!:x", "abc:example.org", "#alias:example.org", "!a b:x", "!a\n:x", &format!("!{}", "a".repeat(255))] {
+            assert!(!is_room_id(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -41,7 +41,10 @@ pub const UNDECRYPTABLE_CAUSES: [&str; 6] =
 pub const LINK_FETCHES: &str = "mxrec_link_fetches_total";
 
 /// Outcomes of [`LINK_FETCHES`].
-pub const LINK_OUTCOMES: [&str; 5] = ["served", "redirected", "refused", "unsatisfiable", "failed"];
+/// `challenged`: a members-only link answered with its sign-in page; `granted`: a membership proof
+/// was accepted.
+pub const LINK_OUTCOMES: [&str; 7] =
+    ["served", "redirected", "refused", "unsatisfiable", "failed", "challenged", "granted"];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

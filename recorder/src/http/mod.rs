@@ -2,6 +2,8 @@
 //!
 //! - `GET /r/<token>` — a recording's file through a share link ([`links`] issues them,
 //!   [`download`] serves them: a stream with ranges, or a redirect to a presigned store URL).
+//!   A members-only link first wants proof of room membership: `POST /r/<token>/openid` with a
+//!   Matrix OpenID token ([`members`], [`openid`]).
 //! - `GET /healthz` — whether the catalog and the store answer ([`health`]).
 //! - `GET /metrics` — Prometheus text of everything mxrec emits ([`metrics`]).
 //!
@@ -12,7 +14,9 @@
 pub mod download;
 pub mod health;
 pub mod links;
+pub mod members;
 pub mod metrics;
+pub mod openid;
 pub mod range;
 
 use std::future::{Future, IntoFuture};
@@ -22,7 +26,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use object_store::signer::Signer;
@@ -34,6 +38,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, HttpConfig};
 pub use links::{Link, LinkError, Links, Lookup, What};
+pub use members::{ClientApiMembership, RoomMembership};
 pub use metrics::install_metrics_recorder;
 
 /// What every request handler shares.
@@ -44,6 +49,11 @@ pub struct HttpState {
     pub signer: Option<Arc<dyn Signer>>,
     pub config: HttpConfig,
     pub links: Links,
+    /// Who is in a room, for members-only links: the bot's Matrix session under `mxrec run`.
+    /// `None` (what [`HttpState::new`] sets) makes every members-only link answer 503.
+    pub membership: Option<Arc<dyn RoomMembership>>,
+    pub(crate) openid: openid::OpenIdVerifier,
+    pub(crate) grants: members::Grants,
     metrics: PrometheusHandle,
 }
 
@@ -56,7 +66,17 @@ impl HttpState {
         config: HttpConfig,
     ) -> Self {
         let links = Links::new(catalog.clone(), &config);
-        Self { catalog, store, signer, config, links, metrics: install_metrics_recorder() }
+        Self {
+            catalog,
+            store,
+            signer,
+            openid: openid::OpenIdVerifier::new(&config),
+            config,
+            links,
+            membership: None,
+            grants: members::Grants::new(),
+            metrics: install_metrics_recorder(),
+        }
     }
 
     /// Builds the store and its presigner from the configuration and opens the catalog.
@@ -77,6 +97,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
     let body_limit = state.config.max_body_bytes;
     Router::new()
         .route("/r/{token}", get(download::serve_link))
+        .route("/r/{token}/openid", post(members::prove))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(metrics::render))
         .layer(DefaultBodyLimit::max(body_limit))
