@@ -31,6 +31,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "matrix",
     "webrtc",
     "matrixrtc",
+    "control",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +50,7 @@ pub struct Config {
     pub matrix: MatrixConfig,
     pub webrtc: WebrtcConfig,
     pub matrixrtc: MatrixRtcConfig,
+    pub control: ControlConfig,
 }
 
 impl Default for Config {
@@ -65,6 +67,7 @@ impl Default for Config {
             matrix: MatrixConfig::default(),
             webrtc: WebrtcConfig::default(),
             matrixrtc: MatrixRtcConfig::default(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -313,6 +316,40 @@ impl Default for MatrixRtcConfig {
     }
 }
 
+/// Who may control recordings from a room (`!rec …`), and how often.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Room power level needed for `!rec start|stop|pause|resume|list` and for setting
+    /// `org.mxrec.config`. `!rec status|help|optout|optin` are open to every member.
+    pub power_level: i64,
+    /// Users allowed those commands in every room the bot is in, whatever their power level.
+    pub admins: Vec<String>,
+    /// Commands one user may give per minute (over all rooms); more are refused.
+    pub commands_per_user_per_minute: u32,
+    /// Commands one room may give per minute (all users together).
+    pub commands_per_room_per_minute: u32,
+    /// Invites from one user the bot answers per hour; more are declined.
+    pub invites_per_user_per_hour: u32,
+    /// Links to recordings open only for current members of the recording's room (proven with a
+    /// Matrix OpenID token), in every room; a room can ask for it alone with
+    /// `org.mxrec.config` `{"members_only_links": true}`.
+    pub members_only_links: bool,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            power_level: 50,
+            admins: Vec::new(),
+            commands_per_user_per_minute: 10,
+            commands_per_room_per_minute: 30,
+            invites_per_user_per_hour: 20,
+            members_only_links: false,
+        }
+    }
+}
+
 /// A LiveKit deployment mxrec has the API key of.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -441,6 +478,21 @@ impl Config {
         for u in &self.webrtc.ice_servers {
             if !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")) {
                 bad("webrtc.ice_servers", format!("`{u}` is not a stun:/turn:/turns: URL"));
+            }
+        }
+        let c = &self.control;
+        for a in &c.admins {
+            if !a.starts_with('@') || !a.contains(':') {
+                bad("control.admins", format!("`{a}` is not a user id like @alice:example.org"));
+            }
+        }
+        for (key, v) in [
+            ("control.commands_per_user_per_minute", c.commands_per_user_per_minute),
+            ("control.commands_per_room_per_minute", c.commands_per_room_per_minute),
+            ("control.invites_per_user_per_hour", c.invites_per_user_per_hour),
+        ] {
+            if v == 0 {
+                bad(key, "must be at least 1".into());
             }
         }
         let r = &self.matrixrtc;

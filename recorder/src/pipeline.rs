@@ -348,8 +348,16 @@ impl Recording {
     }
 
     /// Whether the track's writer waits for a keyframe (the receive path then asks for one).
+    /// Not while paused or while the track's participant is opted out: nothing is written then.
     pub fn wants_keyframe(&self, track: &str) -> bool {
-        self.tracks.get(track).and_then(|t| t.writer.as_ref()).is_some_and(TrackWriter::wants_keyframe)
+        if self.timeline.is_paused() {
+            return false;
+        }
+        self.tracks
+            .get(track)
+            .filter(|t| !self.timeline.is_opted_out(&t.info.participant_id))
+            .and_then(|t| t.writer.as_ref())
+            .is_some_and(TrackWriter::wants_keyframe)
     }
 
     pub fn is_paused(&self) -> bool {

@@ -15,7 +15,7 @@
 //! A track's frames are held until the call machine says what it is (camera or screen, from the
 //! caller's stream metadata), which is one round trip through the runtime after the track opens.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use transcoder::{Codec, EncodedFrame, MediaKind};
 
 use super::messages::{self, SavedFile};
 use super::outbox::Outgoing;
+use super::rooms::{self, next_request, publish_status, Control, Pending, RecordingStatus, Registration};
 use super::BotContext;
 use crate::http::metrics as m;
 use crate::peer::{IceServer, PeerConfig, PeerOutput, RecvPeer, TrackKey, TrackStats};
@@ -50,6 +51,8 @@ pub enum CallCommand {
 #[derive(Debug)]
 pub enum CallReport {
     Peer(PeerEvent),
+    /// Someone in the room stopped the recording (`!rec stop`): the bot hangs up.
+    HangUp,
     /// The task is done (recording stored or given up); the runtime forgets the call.
     Ended,
 }
@@ -112,8 +115,47 @@ impl CallTask {
         let mut media = CallMedia::new(self.ctx.clone(), self.key.clone(), epoch);
         let mut stopping = false;
         let mut drain_deadline: Option<tokio::time::Instant> = None;
+        let mut reg: Option<Registration> = None;
         loop {
+            if reg.is_none() && !stopping {
+                // Room commands reach the call from the answer on: the caller is known then.
+                if let (Some((caller, _)), false) = (&media.caller, media.registered) {
+                    media.registered = true;
+                    let status = RecordingStatus {
+                        active: true,
+                        started_by: caller.clone(),
+                        started_at: storage::now_ms(),
+                        paused: false,
+                        flavour: "voip1".into(),
+                        recording_id: None,
+                    };
+                    reg = self.ctx.rooms.register(&self.key.room_id, status.clone());
+                    match &reg {
+                        Some(r) => {
+                            media.optouts = r.optouts.clone();
+                            publish_status(&self.outbox, &status);
+                        }
+                        None => warn!("another recording of this room is running; room commands reach that one"),
+                    }
+                }
+            }
+            if let (Some(r), Some(rec), false) = (&reg, &media.recording, media.id_published) {
+                media.id_published = true;
+                if let Some(status) = r.update(|s| s.recording_id = Some(rec.id().to_string())) {
+                    publish_status(&self.outbox, &status);
+                }
+            }
             tokio::select! {
+                Some((c, reply)) = next_request(&mut reg), if !stopping => {
+                    let at = media.now_us().max(0);
+                    let Some(r) = reg.as_ref() else { continue };
+                    let answer = rooms::apply(&self.ctx, &self.key.room_id, r, media.recording.as_mut(), &mut media.pending, c.clone(), at, &self.outbox).await;
+                    let _ = reply.send(answer);
+                    if matches!(c, Control::Stop { .. }) {
+                        // The call machine hangs up and then stops this task as for any hangup.
+                        let _ = self.reports.send((self.key.clone(), CallReport::HangUp));
+                    }
+                }
                 cmd = cmds.recv(), if !stopping => match cmd {
                     Some(CallCommand::Peer(cmd)) => self.execute(&mut peer, cmd).await,
                     Some(CallCommand::Record(RecordAction::Stop { reason, .. })) => {
@@ -144,6 +186,14 @@ impl CallTask {
             }
         }
         drop(peer);
+        if let Some(r) = reg.take() {
+            if let Some(status) = r.update(|s| {
+                s.active = false;
+                s.paused = false;
+            }) {
+                publish_status(&self.outbox, &status);
+            }
+        }
         if let Some(notice) = media.finish().await {
             let _ = self.outbox.send(Outgoing::Notice(notice));
         }
@@ -223,6 +273,12 @@ struct CallMedia {
     stream_mutes: HashMap<String, (bool, bool)>,
     frames_before_zero: u64,
     failed: Option<String>,
+    /// Room control: registered once the caller is known; commands given before the first
+    /// frame; users who had opted out.
+    registered: bool,
+    id_published: bool,
+    pending: Pending,
+    optouts: BTreeSet<String>,
 }
 
 impl CallMedia {
@@ -238,6 +294,10 @@ impl CallMedia {
             stream_mutes: HashMap::new(),
             frames_before_zero: 0,
             failed: None,
+            registered: false,
+            id_published: false,
+            pending: Pending::default(),
+            optouts: BTreeSet::new(),
         }
     }
 
@@ -433,6 +493,10 @@ impl CallMedia {
         .await?;
         let display_name = self.ctx.display_name(&self.key.room_id, &user).await;
         rec.participant_joined(ParticipantInfo { id: user.clone(), user_id: user, device_id: party, display_name }, 0).await?;
+        for u in &self.optouts {
+            rec.opt_out(u, u, 0).await?;
+        }
+        self.pending.replay(&mut rec).await?;
         metrics::gauge!(m::ACTIVE_CALLS).increment(1.0);
         info!(recording = %rec.id(), "recording the call");
         self.recording = Some(rec);

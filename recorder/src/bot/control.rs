@@ -114,7 +114,7 @@ async fn answer(line: &str, rtc: &mpsc::Sender<RtcInput>) -> Reply {
         return fail(format!("`{}` is not a room id like !abc:example.org", req.room));
     };
     let (tx, rx) = oneshot::channel();
-    if rtc.send(RtcInput::Record { room, stop: req.stop, reply: tx }).await.is_err() {
+    if rtc.send(RtcInput::Record { room, stop: req.stop, by: "mxrec record".into(), reply: tx }).await.is_err() {
         return fail("the bot is shutting down".into());
     }
     match tokio::time::timeout(Duration::from_secs(10), rx).await {

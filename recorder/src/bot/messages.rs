@@ -29,6 +29,78 @@ pub fn recording_started(bot_name: &str) -> Notice {
     Notice { plain, html }
 }
 
+/// Posted when someone pauses, resumes or stops a recording (`action`: `paused`, `resumed`,
+/// `stopped`). Stable first words: `Recording paused by `, `Recording resumed by `,
+/// `Recording stopped by `.
+pub fn recording_control(action: &str, by_name: &str) -> Notice {
+    let tail = match action {
+        "paused" => " Nothing is recorded until `!rec resume`.",
+        "stopped" => " The links follow when it is stored.",
+        _ => "",
+    };
+    let plain = format!("Recording {action} by {by_name}.{tail}");
+    let html = format!("Recording <b>{action}</b> by {}.{}", escape(by_name), escape(tail));
+    Notice { plain, html }
+}
+
+/// The `m.room.message` content that tells a participant who joined a recorded call that it is
+/// being recorded, mentioning them (a pill and `m.mentions`, so their client notifies them).
+pub fn being_recorded_mention(user_id: &str, display_name: &str, bot_name: &str) -> serde_json::Value {
+    let plain = format!(
+        "{display_name}: this call is being recorded by {bot_name}. Say `!rec optout` to keep your audio and video out of it."
+    );
+    let html = format!(
+        "<a href=\"https://matrix.to/#/{}\">{}</a>: this call is being recorded by <b>{}</b>. Say <code>!rec optout</code> to keep your audio and video out of it.",
+        escape(user_id),
+        escape(display_name),
+        escape(bot_name)
+    );
+    serde_json::json!({
+        "msgtype": "m.notice",
+        "body": plain,
+        "format": "org.matrix.custom.html",
+        "formatted_body": html,
+        "m.mentions": { "user_ids": [user_id] },
+    })
+}
+
+/// A notice in the thread of `event_id` (or of the thread it is in), as a reply to it.
+pub fn threaded_notice(text: &str, event_id: &str, thread_root: Option<&str>) -> serde_json::Value {
+    serde_json::json!({
+        "msgtype": "m.notice",
+        "body": text,
+        "format": "org.matrix.custom.html",
+        "formatted_body": escape(text).replace('\n', "<br>"),
+        "m.relates_to": {
+            "rel_type": "m.thread",
+            "event_id": thread_root.unwrap_or(event_id),
+            "is_falling_back": thread_root.is_none(),
+            "m.in_reply_to": { "event_id": event_id },
+        },
+        "m.mentions": {},
+    })
+}
+
+/// What `!rec help` says.
+pub fn help_text(cfg: &crate::config::ControlConfig) -> String {
+    format!(
+        "Recording commands:\n\
+         !rec start: record this room's call (or the next one)\n\
+         !rec stop: stop recording; the links follow when it is stored\n\
+         !rec pause / !rec resume: leave a stretch out of the recording\n\
+         !rec status: what is being recorded right now\n\
+         !rec list: the room's recent recordings, with links\n\
+         !rec optout / !rec optin: keep your own audio and video out of recordings, or let them in again\n\
+         start, stop, pause, resume and list need power level {} in the room; status, help, optout and optin are open to everyone.",
+        cfg.power_level
+    )
+}
+
+/// `14:05 UTC` for a Unix ms time.
+pub fn hhmm(unix_ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(unix_ms).map(|d| d.format("%H:%M UTC").to_string()).unwrap_or_default()
+}
+
 /// Everything [`recording_saved`] reports.
 #[derive(Debug, Clone)]
 pub struct Saved<'a> {
@@ -152,6 +224,21 @@ mod tests {
     fn notices_start_with_their_stable_words() {
         assert!(recording_started("@rec:x").plain.starts_with("This call is being recorded by @rec:x"));
         assert!(recording_failed("no space").plain.starts_with("Recording failed: no space."));
+    }
+
+    #[test]
+    fn control_notices_mentions_and_threaded_replies() {
+        assert!(recording_control("paused", "Mo").plain.starts_with("Recording paused by Mo."));
+        let m = being_recorded_mention("@bob:x", "Bob <b>", "mxrec");
+        assert_eq!(m["m.mentions"]["user_ids"][0], "@bob:x");
+        assert!(m["formatted_body"].as_str().unwrap().contains("https://matrix.to/#/@bob:x\">Bob &lt;b&gt;</a>"));
+        let r = threaded_notice("a\nb", "$cmd", None);
+        assert_eq!(r["m.relates_to"]["event_id"], "$cmd");
+        assert_eq!(r["m.relates_to"]["m.in_reply_to"]["event_id"], "$cmd");
+        assert_eq!(r["formatted_body"], "a<br>b");
+        let r = threaded_notice("x", "$cmd", Some("$root"));
+        assert_eq!(r["m.relates_to"]["event_id"], "$root");
+        assert_eq!(r["m.relates_to"]["is_falling_back"], false);
     }
 
     #[test]

@@ -16,9 +16,11 @@
 
 mod allowlist;
 pub mod call;
+pub mod commands;
 pub mod control;
 pub mod messages;
 pub mod outbox;
+pub mod rooms;
 pub mod rtc;
 pub mod runtime;
 pub mod session;
@@ -58,6 +60,9 @@ pub struct BotContext {
     /// How the bot names itself in notices: its display name, else its user id.
     pub bot_name: String,
     pub links: Links,
+    /// Recording control per room: running recordings, opt-outs, room settings.
+    pub rooms: Arc<rooms::Rooms>,
+    pub limits: commands::Limits,
 }
 
 impl BotContext {
@@ -102,14 +107,36 @@ impl BotContext {
         }
     }
 
+    /// Whether links to the room's recordings open only for its members: the room's
+    /// `org.mxrec.config` says so, else `control.members_only_links`.
+    pub fn members_only_links(&self, room: &OwnedRoomId) -> bool {
+        self.rooms.settings(room).members_only_links.unwrap_or(self.config.control.members_only_links)
+    }
+
+    /// A link to one stored object of a recording of `room`, members-only when the room wants it.
+    pub async fn issue_link(
+        &self,
+        room: &OwnedRoomId,
+        recording: &storage::RecordingId,
+        key: &str,
+    ) -> Result<crate::http::links::Link, crate::http::links::LinkError> {
+        let ttl = self.links.default_ttl();
+        if self.members_only_links(room) {
+            self.links.issue_members_only(recording, key, ttl, room.as_str()).await
+        } else {
+            self.links.issue(recording, key, ttl).await
+        }
+    }
+
     /// Issues links to a stored recording's composite and per-track files and words the notice.
     pub async fn saved_notice(&self, finished: &Finished) -> Result<messages::Notice> {
         let ttl = self.links.default_ttl();
+        let room = OwnedRoomId::try_from(finished.manifest.room.id.as_str()).context("the manifest's room id")?;
         let keys = finished.manifest.outputs.iter().map(|o| o.key.clone()).chain(finished.track_files.iter().map(|t| t.key.clone()));
         let mut links = HashMap::new();
         let mut expires_at = None;
         for key in keys {
-            let link = self.links.issue(&finished.recording_id, &key, ttl).await?;
+            let link = self.issue_link(&room, &finished.recording_id, &key).await?;
             expires_at = Some(link.expires_at);
             links.insert(key, link);
         }
@@ -154,9 +181,13 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
 
     let env = Arc::new(Env::open(&config).await?);
 
-    // HTTP first, so links work as soon as the bot posts one.
+    // The Matrix session first: members-only links check room membership through it.
+    let session = session::connect(&config).await?;
+    let client = session.client.clone();
+    // HTTP before the first sync, so links work as soon as the bot posts one.
     let signer = storage::store::build_signer(&config.storage).context("preparing URL presigning for the object store")?;
-    let http = HttpState::new(env.catalog.clone(), env.store.clone(), signer, config.http.clone());
+    let mut http = HttpState::new(env.catalog.clone(), env.store.clone(), signer, config.http.clone());
+    http.membership = Some(Arc::new(BotMembership { client: client.clone() }));
     let links = http.links.clone();
     let listener = tokio::net::TcpListener::bind(&config.http.bind)
         .await
@@ -166,8 +197,6 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let http_stop = wait_for_stop(stop_rx.clone());
     let http_task = tokio::spawn(async move { crate::http::serve(listener, http, http_stop).await });
 
-    let session = session::connect(&config).await?;
-    let client = session.client.clone();
     let bot_name = match client.account().get_display_name().await {
         Ok(Some(name)) if !name.trim().is_empty() => name,
         _ => session.user_id.to_string(),
@@ -180,6 +209,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         device_id: session.device_id.clone(),
         bot_name,
         links,
+        rooms: rooms::Rooms::new(),
+        limits: commands::Limits::new(&config.control),
     });
 
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -204,11 +235,11 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
             }
         };
         let span = info_span!("invite", room = %room.room_id(), inviter = %inviter);
-        answer_invite(room, inviter.as_str(), &allowlist).instrument(span).await;
+        answer_invite(room, inviter.as_str(), &allowlist, &ctx.limits).instrument(span).await;
     }
     // Calls already running in the bot's rooms, from the state the first sync stored.
     for room in client.joined_rooms() {
-        feed_call_state(&room, &rtc_tx).await;
+        feed_call_state(&ctx, &room, &rtc_tx).await;
     }
     println!("bot: {} device {}", ctx.user_id, ctx.device_id);
     info!(user = %ctx.user_id, device = %ctx.device_id, "bot ready");
@@ -254,6 +285,26 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     Ok(())
 }
 
+/// Room membership as the bot's own Matrix session sees it (members-only links).
+struct BotMembership {
+    client: Client,
+}
+
+#[async_trait::async_trait]
+impl crate::http::RoomMembership for BotMembership {
+    async fn is_joined(&self, room_id: &str, user_id: &str) -> Result<bool> {
+        let room_id = <&matrix_sdk::ruma::RoomId>::try_from(room_id).context("not a room id")?;
+        let Ok(user_id) = <&UserId>::try_from(user_id) else { return Ok(false) };
+        let room = self
+            .client
+            .get_room(room_id)
+            .filter(|r| r.state() == RoomState::Joined)
+            .ok_or_else(|| anyhow!("the recorder is no longer in that room and cannot check its members"))?;
+        let member = room.get_member(user_id).await.context("reading the room's members")?;
+        Ok(member.is_some_and(|m| *m.membership() == MembershipState::Join))
+    }
+}
+
 async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
@@ -266,23 +317,27 @@ fn register_handlers(
     rtc: mpsc::Sender<rtc::RtcInput>,
 ) {
     let me = ctx.user_id.clone();
+    let invite_ctx = ctx.clone();
     client.add_event_handler(move |ev: StrippedRoomMemberEvent, room: Room| {
         let me = me.clone();
         let allowlist = allowlist.clone();
+        let ctx = invite_ctx.clone();
         async move {
             if ev.state_key != me || ev.content.membership != MembershipState::Invite || room.state() != RoomState::Invited {
                 return;
             }
             let span = info_span!("invite", room = %room.room_id(), inviter = %ev.sender);
-            answer_invite(room, ev.sender.as_str(), &allowlist).instrument(span).await
+            answer_invite(room, ev.sender.as_str(), &allowlist, &ctx.limits).instrument(span).await
         }
     });
     let rtc_state = rtc.clone();
+    let state_ctx = ctx.clone();
     client.add_event_handler(move |raw: Raw<AnySyncStateEvent>, room: Room| {
         let rtc = rtc_state.clone();
+        let ctx = state_ctx.clone();
         async move {
             if let Ok(ev) = raw.deserialize_as_unchecked::<TimelineEvent>() {
-                rtc_state_event(ev, &room, &rtc).await;
+                rtc_state_event(&ctx, ev, &room, &rtc).await;
             }
         }
     });
@@ -296,13 +351,20 @@ fn register_handlers(
             }
         }
     });
+    let timeline_ctx = ctx.clone();
+    let started_ms = storage::now_ms();
     client.add_event_handler(move |raw: Raw<AnySyncTimelineEvent>, room: Room| {
         let events = events.clone();
         let rtc = rtc.clone();
+        let ctx = timeline_ctx.clone();
         async move {
             if let Ok(ev) = raw.deserialize_as_unchecked::<TimelineEvent>() {
                 if room.state() == RoomState::Joined {
-                    rtc_timeline_event(ev, &room, &rtc).await;
+                    if ev.event_type == "m.room.message" {
+                        room_command(&ctx, ev, room.clone(), &rtc, started_ms);
+                        return;
+                    }
+                    rtc_timeline_event(&ctx, ev, &room, &rtc).await;
                 }
             }
             let Some(mut ev) = call_event(&raw, &room) else { return };
@@ -321,10 +383,40 @@ fn register_handlers(
     });
 }
 
-/// Joins (in the background, with retries) when the inviter is allowed, else declines.
-async fn answer_invite(room: Room, inviter: &str, allowlist: &Allowlist) {
+/// A `!rec` command in a joined room, carried out in its own task. Commands sent before this
+/// process started (a sync after a restart replays recent messages) are not carried out again.
+fn room_command(ctx: &Arc<BotContext>, ev: TimelineEvent, room: Room, rtc: &mpsc::Sender<rtc::RtcInput>, started_ms: i64) {
+    let body = ev.content.get("body").and_then(|b| b.as_str()).unwrap_or("");
+    let Some(command) = commands::parse(body) else { return };
+    if ev.sender == ctx.user_id.as_str() || ev.event_id.is_empty() {
+        return;
+    }
+    if (ev.origin_server_ts as i64) < started_ms - 5_000 {
+        debug!(room = %room.room_id(), sender = %ev.sender, "a command from before this start; not carried out again");
+        return;
+    }
+    let relates = ev.content.get("m.relates_to");
+    let thread_root = relates
+        .filter(|r| r.get("rel_type").and_then(|t| t.as_str()) == Some("m.thread"))
+        .and_then(|r| r.get("event_id"))
+        .and_then(|e| e.as_str())
+        .map(str::to_owned);
+    let incoming = commands::Incoming { room, sender: ev.sender, event_id: ev.event_id, thread_root, command };
+    tokio::spawn(commands::handle(ctx.clone(), incoming, rtc.clone()));
+}
+
+/// Joins (in the background, with retries) when the inviter is allowed and within the invite
+/// rate limit, else declines.
+async fn answer_invite(room: Room, inviter: &str, allowlist: &Allowlist, limits: &commands::Limits) {
     if !allowlist.allows(inviter) {
         info!("inviter is not in matrix.allowed_inviters; declining");
+        if let Err(e) = room.leave().await {
+            warn!(error = %e, "declining the invite failed");
+        }
+        return;
+    }
+    if !limits.invite(inviter) {
+        warn!("too many invites from this user in the last hour (control.invites_per_user_per_hour); declining");
         if let Err(e) = room.leave().await {
             warn!(error = %e, "declining the invite failed");
         }
@@ -357,11 +449,32 @@ async fn is_joined(room: &Room, user: &str) -> bool {
     matches!(room.get_member_no_sync(user_id).await, Ok(Some(m)) if *m.membership() == MembershipState::Join)
 }
 
-/// State events the MatrixRTC runtime follows: call memberships and room member changes.
-async fn rtc_state_event(ev: TimelineEvent, room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
+/// State events the MatrixRTC runtime follows: call memberships and room member changes; and
+/// the room's `org.mxrec.config`, taken when its sender may control recordings.
+async fn rtc_state_event(ctx: &BotContext, ev: TimelineEvent, room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
     let Some(state_key) = ev.state_key.clone() else { return };
     let room_id = room.room_id().to_owned();
     let input = match ev.event_type.as_str() {
+        rooms::CONFIG_STATE_EVENT_TYPE if state_key.is_empty() => {
+            let power = match <&UserId>::try_from(ev.sender.as_str()) {
+                Ok(u) => room.get_member_no_sync(u).await.ok().flatten().map(|m| m.power_level()),
+                Err(_) => None,
+            };
+            if let Err(why) = commands::authorize(&ctx.config.control, commands::Command::Start, &ev.sender, power) {
+                warn!(room = %room_id, sender = %ev.sender, %why, "org.mxrec.config from a user who may not control recordings; ignored");
+                return;
+            }
+            let settings = match rooms::RoomSettings::parse(&ev.content) {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(room = %room_id, sender = %ev.sender, error = %e, "malformed org.mxrec.config; ignored");
+                    return;
+                }
+            };
+            info!(room = %room_id, sender = %ev.sender, ?settings, "room settings");
+            ctx.rooms.set_settings(&room_id, settings);
+            rtc::RtcInput::AutoRecord { room: room_id, on: settings.auto_record.unwrap_or(false), by: ev.sender }
+        }
         crate::matrixrtc::session::LEGACY_MEMBER_EVENT_TYPE => {
             let sender_joined = is_joined(room, &ev.sender).await;
             rtc::RtcInput::LegacyMember { room: room_id, state_key, sender: ev.sender, ts: ev.origin_server_ts, content: ev.content, sender_joined }
@@ -379,11 +492,11 @@ async fn rtc_state_event(ev: TimelineEvent, room: &Room, rtc: &mpsc::Sender<rtc:
 
 /// Timeline events the MatrixRTC runtime follows: sticky memberships, room-event keys, and
 /// state events (also delivered to the state handler; applying one twice changes nothing).
-async fn rtc_timeline_event(ev: TimelineEvent, room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
+async fn rtc_timeline_event(ctx: &BotContext, ev: TimelineEvent, room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
     use crate::matrixrtc::session::{ENCRYPTION_KEYS_EVENT_TYPE, RTC_MEMBER_EVENT_TYPE};
     let room_id = room.room_id().to_owned();
     if ev.state_key.is_some() {
-        return rtc_state_event(ev, room, rtc).await;
+        return rtc_state_event(ctx, ev, room, rtc).await;
     }
     let input = match ev.event_type.as_str() {
         RTC_MEMBER_EVENT_TYPE => {
@@ -398,24 +511,25 @@ async fn rtc_timeline_event(ev: TimelineEvent, room: &Room, rtc: &mpsc::Sender<r
     }
 }
 
-/// The call memberships and joined members a room's stored state holds (at start, after the
+/// The call memberships and room settings a room's stored state holds (at start, after the
 /// first sync).
-async fn feed_call_state(room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
-    let ty = StateEventType::from(crate::matrixrtc::session::LEGACY_MEMBER_EVENT_TYPE);
-    let events = match room.get_state_events(ty).await {
-        Ok(e) => e,
-        Err(e) => {
-            warn!(room = %room.room_id(), error = %e, "cannot read the room's call memberships");
-            return;
-        }
-    };
-    for raw in events {
-        let json = match raw {
-            matrix_sdk::deserialized_responses::RawAnySyncOrStrippedState::Sync(r) => r.json().get().to_owned(),
-            matrix_sdk::deserialized_responses::RawAnySyncOrStrippedState::Stripped(_) => continue,
+async fn feed_call_state(ctx: &BotContext, room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
+    for ty in [rooms::CONFIG_STATE_EVENT_TYPE, crate::matrixrtc::session::LEGACY_MEMBER_EVENT_TYPE] {
+        let events = match room.get_state_events(StateEventType::from(ty)).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(room = %room.room_id(), error = %e, "cannot read the room's {ty} state");
+                continue;
+            }
         };
-        if let Ok(ev) = serde_json::from_str::<TimelineEvent>(&json) {
-            rtc_state_event(ev, room, rtc).await;
+        for raw in events {
+            let json = match raw {
+                matrix_sdk::deserialized_responses::RawAnySyncOrStrippedState::Sync(r) => r.json().get().to_owned(),
+                matrix_sdk::deserialized_responses::RawAnySyncOrStrippedState::Stripped(_) => continue,
+            };
+            if let Ok(ev) = serde_json::from_str::<TimelineEvent>(&json) {
+                rtc_state_event(ctx, ev, room, rtc).await;
+            }
         }
     }
 }
@@ -435,6 +549,8 @@ struct ToDevice {
 struct TimelineEvent {
     #[serde(rename = "type")]
     event_type: String,
+    #[serde(default)]
+    event_id: String,
     #[serde(default)]
     state_key: Option<String>,
     sender: String,

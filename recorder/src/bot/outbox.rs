@@ -28,6 +28,8 @@ pub enum Outgoing {
     Event { event_type: String, content: Value },
     /// An `m.notice` with an HTML body.
     Notice(Notice),
+    /// A state event (`org.mxrec.recording`); needs the power to send it, else it is logged.
+    State { event_type: String, state_key: String, content: Value },
 }
 
 /// The per-room queues of one bot.
@@ -86,6 +88,9 @@ async fn drain(client: Client, room_id: OwnedRoomId, mut rx: mpsc::UnboundedRece
                     .with_transaction_id(txn.clone())
                     .await
                     .map(|r| r.response.event_id),
+                Outgoing::State { event_type, state_key, content } => {
+                    room.send_state_event_raw(event_type, state_key, content.clone()).await.map(|r| r.event_id)
+                }
             };
             match sent {
                 Ok(event_id) => {
@@ -107,5 +112,6 @@ fn kind(msg: &Outgoing) -> &str {
     match msg {
         Outgoing::Event { event_type, .. } => event_type,
         Outgoing::Notice(_) => "m.notice",
+        Outgoing::State { event_type, .. } => event_type,
     }
 }

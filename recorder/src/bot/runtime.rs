@@ -73,6 +73,14 @@ impl Runtime {
                         event,
                         now: now(),
                     }),
+                    CallReport::HangUp => {
+                        info!(room = %key.room_id, call_id = %key.call_id, "recording stopped from the room; hanging up");
+                        self.calls.handle_input(Input::Stop {
+                            room_id: voip1::RoomId(key.room_id.to_string()),
+                            call_id: key.call_id,
+                            now: now(),
+                        });
+                    }
                     CallReport::Ended => {
                         self.tasks.remove(&key);
                     }

@@ -13,7 +13,7 @@
 //! never written, they are counted (metric), logged once per cause and participant, and their
 //! time lands in the manifest's `undecryptable` spans.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use super::matrix::{openid_token, OwnMembership};
 use super::{CallCommand, RoomKeys};
 use crate::bot::messages;
 use crate::bot::outbox::Outgoing;
+use crate::bot::rooms::{self, next_request, publish_status, Control, Pending, RecordingStatus};
 use crate::bot::BotContext;
 use crate::http::metrics as m;
 use crate::matrixrtc::access::{self, ServiceRequest, SfuGrant};
@@ -46,6 +47,8 @@ pub struct RtcCallTask {
     pub keys: RoomKeys,
     /// The call's members when the task started.
     pub members: Vec<Member>,
+    /// Who asked for the recording (a user id, `config`, `auto-record (set by …)`).
+    pub started_by: String,
 }
 
 /// Tokens for one SFU: minted with the API key, or asked of the JWT service each time.
@@ -120,6 +123,14 @@ struct Media {
     decrypted: u64,
     first_decrypted_at: Option<Duration>,
     failed: Option<String>,
+    /// Room commands given before the first frame, replayed when the recording starts.
+    pending: Pending,
+    /// Users of the room who had opted out when the recording was registered.
+    optouts: BTreeSet<String>,
+    /// Users told that the call is recorded (by the start notice or a mention).
+    announced: HashSet<String>,
+    id_published: bool,
+    outbox: mpsc::UnboundedSender<Outgoing>,
 }
 
 impl RtcCallTask {
@@ -167,6 +178,20 @@ impl RtcCallTask {
         }
         info!(sfus = conns.len(), after_ms = started.elapsed().as_millis() as u64, "in the call");
         let _ = outbox.send(Outgoing::Notice(messages::recording_started(&self.ctx.bot_name)));
+        let status = RecordingStatus {
+            active: true,
+            started_by: self.started_by.clone(),
+            started_at: storage::now_ms(),
+            paused: false,
+            flavour: "matrixrtc".into(),
+            recording_id: None,
+        };
+        let mut reg = self.ctx.rooms.register(&self.room_id, status.clone());
+        match &reg {
+            Some(_) => publish_status(&outbox, &status),
+            None => warn!("another recording of this room is running; room commands reach that one"),
+        }
+        let optouts = reg.as_ref().map(|r| r.optouts.clone()).unwrap_or_default();
 
         let mut media = Media {
             ctx: self.ctx.clone(),
@@ -184,14 +209,28 @@ impl RtcCallTask {
             decrypted: 0,
             first_decrypted_at: None,
             failed: None,
+            pending: Pending::default(),
+            optouts,
+            id_published: false,
+            announced: self.members.iter().map(|m| m.user_id.clone()).collect(),
+            outbox: outbox.clone(),
         };
         let mut keep_alive = tokio::time::interval(OwnMembership::refresh_interval(&self.ctx));
         keep_alive.tick().await;
         let reason = loop {
             tokio::select! {
+                Some((c, reply)) = next_request(&mut reg) => {
+                    let at = media.now_us();
+                    let Some(r) = reg.as_ref() else { continue };
+                    let answer = rooms::apply(&self.ctx, &self.room_id, r, media.recording.as_mut(), &mut media.pending, c.clone(), at, &outbox).await;
+                    let _ = reply.send(answer);
+                    if let Control::Stop { by } = c {
+                        break format!("stopped by {by}");
+                    }
+                }
                 c = cmds.recv() => match c {
                     Some(CallCommand::Stop { reason }) => break reason,
-                    Some(CallCommand::Member(ev)) => media.on_member(ev),
+                    Some(CallCommand::Member(ev)) => media.on_member(ev).await,
                     Some(CallCommand::KeyInstalled { identity, index }) => debug!(%identity, index, "key installed"),
                     None => break "the runtime stopped".to_string(),
                 },
@@ -199,6 +238,12 @@ impl RtcCallTask {
                     Some((i, o)) => {
                         if let Some(stop) = media.on_output(i, o, &conns, started).await {
                             break stop;
+                        }
+                        if let (Some(r), Some(rec), false) = (&reg, &media.recording, media.id_published) {
+                            media.id_published = true;
+                            if let Some(status) = r.update(|s| s.recording_id = Some(rec.id().to_string())) {
+                                publish_status(&outbox, &status);
+                            }
                         }
                     }
                     None => break "every SFU connection ended".to_string(),
@@ -221,6 +266,14 @@ impl RtcCallTask {
         };
         tokio::join!(closing, drain);
         membership.leave(&self.ctx).await;
+        if let Some(r) = reg.take() {
+            if let Some(status) = r.update(|s| {
+                s.active = false;
+                s.paused = false;
+            }) {
+                publish_status(&outbox, &status);
+            }
+        }
         if let Some(notice) = media.finish().await {
             let _ = outbox.send(Outgoing::Notice(notice));
         }
@@ -336,9 +389,14 @@ impl Media {
         (self.epoch.elapsed().as_micros() as i64 - self.zero_us).max(0)
     }
 
-    fn on_member(&mut self, ev: SessionEvent) {
+    async fn on_member(&mut self, ev: SessionEvent) {
         match ev {
             SessionEvent::MemberJoined(m) | SessionEvent::MemberUpdated(m) => {
+                if m.user_id != self.ctx.user_id.as_str() && self.announced.insert(m.user_id.clone()) {
+                    let name = self.ctx.display_name(&self.room_id, &m.user_id).await;
+                    let content = messages::being_recorded_mention(&m.user_id, &name, &self.ctx.bot_name);
+                    let _ = self.outbox.send(Outgoing::Event { event_type: "m.room.message".into(), content });
+                }
                 self.members.insert(m.identity.clone(), m);
             }
             // Kept: its media may still be in flight, and the recording names it.
@@ -560,6 +618,11 @@ impl Media {
         .await?;
         info!(recording = %rec.id(), "recording the call");
         metrics::gauge!(m::ACTIVE_CALLS).increment(1.0);
+        let mut rec = rec;
+        for user in &self.optouts {
+            rec.opt_out(user, user, 0).await?;
+        }
+        self.pending.replay(&mut rec).await?;
         self.recording = Some(rec);
         // Everyone already in the room is present from the start.
         let present: Vec<String> = self.present.keys().cloned().collect();

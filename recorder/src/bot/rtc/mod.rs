@@ -44,8 +44,11 @@ pub enum RtcInput {
     ToDeviceKeys { sender: String, content: Value },
     /// The older room-event variant.
     RoomKeys { room: OwnedRoomId, sender: String, ts: u64, content: Value },
-    /// `mxrec record`: start (or stop) recording the room's call.
-    Record { room: OwnedRoomId, stop: bool, reply: oneshot::Sender<Result<String, String>> },
+    /// `mxrec record` or `!rec start|stop`: start (or stop) recording the room's call; `by` is who
+    /// asked (a user id, or `mxrec record`).
+    Record { room: OwnedRoomId, stop: bool, by: String, reply: oneshot::Sender<Result<String, String>> },
+    /// The room's `org.mxrec.config` turned auto-record on or off.
+    AutoRecord { room: OwnedRoomId, on: bool, by: String },
 }
 
 /// What the runtime tells a call task.
@@ -65,10 +68,15 @@ struct RoomRtc {
     session: RtcSession,
     router: KeyRouter,
     keys: RoomKeys,
-    /// Recording requested for the next (or current) call: by config, or until it ends by
-    /// `mxrec record`.
+    /// Recording requested for the next (or current) call: by config, by the room's
+    /// `org.mxrec.config`, or until it ends by `mxrec record` / `!rec start`.
     wanted_by_config: bool,
+    wanted_by_state: bool,
     wanted_once: bool,
+    /// Stopped (`!rec stop`) while the call runs: not recorded again until it ends.
+    stopped: bool,
+    /// Who asked for the recording that starts next.
+    wanted_by: String,
     call: Option<RoomCall>,
 }
 
@@ -102,7 +110,10 @@ impl RtcRuntime {
                 router,
                 keys: Arc::new(Mutex::new(HashMap::new())),
                 wanted_by_config,
+                wanted_by_state: false,
                 wanted_once: false,
+                stopped: false,
+                wanted_by: if wanted_by_config { "config".into() } else { String::new() },
                 call: None,
             }
         })
@@ -152,8 +163,7 @@ impl RtcRuntime {
 
     fn stop_all(&mut self, reason: &str) {
         for r in self.rooms.values_mut() {
-            r.wanted_by_config = false;
-            r.wanted_once = false;
+            r.stopped = true;
             if let Some(c) = &r.call {
                 let _ = c.commands.send(CallCommand::Stop { reason: reason.into() });
             }
@@ -198,24 +208,34 @@ impl RtcRuntime {
                     Err(e) => warn!(room = %room, %sender, error = %e, "malformed io.element.call.encryption_keys room event; ignored"),
                 }
             }
-            RtcInput::Record { room, stop, reply } => {
+            RtcInput::AutoRecord { room, on, by } => {
+                let r = self.room(&room);
+                r.wanted_by_state = on;
+                if on && !r.wanted_once {
+                    r.wanted_by = format!("auto-record (set by {by})");
+                }
+            }
+            RtcInput::Record { room, stop, by, reply } => {
                 let joined = self.ctx.client.get_room(&room).is_some_and(|r| r.state() == matrix_sdk::RoomState::Joined);
                 let answer = if !joined {
                     Err(format!("the bot is not in {room}; invite it first"))
                 } else {
                     let r = self.room(&room);
                     if stop {
+                        // Until the call ends: auto-record starts again with the next call.
                         r.wanted_once = false;
-                        r.wanted_by_config = false;
+                        r.stopped = r.session.is_active();
                         match &r.call {
                             Some(c) => {
-                                let _ = c.commands.send(CallCommand::Stop { reason: "a stop was requested".into() });
+                                let _ = c.commands.send(CallCommand::Stop { reason: format!("stopped by {by}") });
                                 Ok(format!("stopping the recording of the call in {room}"))
                             }
                             None => Ok(format!("no call is being recorded in {room}")),
                         }
                     } else {
                         r.wanted_once = true;
+                        r.stopped = false;
+                        r.wanted_by = by;
                         if r.call.is_some() {
                             Ok(format!("the call in {room} is already being recorded"))
                         } else if r.session.is_active() {
@@ -249,7 +269,11 @@ impl RtcRuntime {
                     SessionEvent::MemberJoined(m) => info!(room = %room_id, user = %m.user_id, device = %m.device_id, identity = %m.identity, "joined the call"),
                     SessionEvent::MemberLeft(m) => info!(room = %room_id, user = %m.user_id, device = %m.device_id, "left the call"),
                     SessionEvent::SessionStarted => info!(room = %room_id, "a call started"),
-                    SessionEvent::SessionEnded => info!(room = %room_id, "the call ended"),
+                    SessionEvent::SessionEnded => {
+                        info!(room = %room_id, "the call ended");
+                        // A stop lasts for the call it stopped; auto-record takes the next one.
+                        r.stopped = false;
+                    }
                     SessionEvent::MemberUpdated(_) => {}
                 }
                 if let Some(c) = &r.call {
@@ -272,7 +296,7 @@ impl RtcRuntime {
                     Err(e) => warn!(room = %room_id, identity = %k.identity, error = %e, "media key refused"),
                 }
             }
-            let wanted = r.wanted_by_config || r.wanted_once;
+            let wanted = !r.stopped && (r.wanted_by_config || r.wanted_by_state || r.wanted_once);
             if !stopping && wanted && r.call.is_none() && r.session.is_active() {
                 to_start.push(room_id.clone());
             }
@@ -288,7 +312,12 @@ impl RtcRuntime {
         let members: Vec<Member> = r.session.members().into_iter().cloned().collect();
         let (tx, rx) = mpsc::unbounded_channel();
         r.call = Some(RoomCall { commands: tx });
-        let task = call::RtcCallTask { ctx, room_id: room_id.clone(), keys: r.keys.clone(), members };
+        let started_by = if r.wanted_once || r.wanted_by_state {
+            r.wanted_by.clone()
+        } else {
+            "config".to_owned()
+        };
+        let task = call::RtcCallTask { ctx, room_id: room_id.clone(), keys: r.keys.clone(), members, started_by };
         let span = info_span!("rtc_call", room = %room_id);
         info!(parent: &span, "recording the call");
         self.running.spawn(
