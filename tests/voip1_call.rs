@@ -91,6 +91,11 @@ struct Setup {
 }
 
 async fn setup(hs: &Synapse, s3: &S3) -> Setup {
+    setup_with(hs, s3, "").await
+}
+
+/// [`setup`] with `extra` appended to the bot's config file (tables the harness does not write).
+async fn setup_with(hs: &Synapse, s3: &S3, extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let suffix = unique_suffix();
     let bot_password = format!("bot-pw-{suffix}");
@@ -111,6 +116,12 @@ async fn setup(hs: &Synapse, s3: &S3) -> Setup {
     };
     let config = dir.path().join("mxrec.toml");
     bot_setup.write(&config);
+    if !extra.is_empty() {
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push('\n');
+        text.push_str(extra);
+        std::fs::write(&config, text).unwrap();
+    }
     let http_base = bot_setup.http_base();
     eprintln!("bot {bot}, caller {caller}, objects under {prefix}/, work dir {}", dir.path().display());
 
@@ -523,6 +534,45 @@ fn invite(call_id: &str, sdp: &str, stream: Option<&str>) -> Value {
     })
 }
 
+/// Places a call from `caller` to the bot: aiortc's offer in an (encrypted) invite, the bot's
+/// answer checked and handed back to aiortc, `select_answer` and the end of candidates. Returns
+/// aiortc (sending for `seconds` once connected), the invite's server time and the answer.
+async fn place_call(s: &Setup, caller: &Caller, room: &Room, inbox: &mut Inbox, call_id: &str, seconds: f64) -> (Aiortc, i64, Seen) {
+    let bot = s.bot.clone();
+    let from_bot = |e: &Seen| e.sender() == bot;
+    let mut aiortc = start_aiortc(seconds).await;
+    let stream = msid_stream(&aiortc.offer_sdp);
+    let invite_id = caller.send_call(room, "m.call.invite", invite(call_id, &aiortc.offer_sdp, Some(&stream))).await;
+    let invite_ts = inbox
+        .wait_for(Instant::now() + Duration::from_secs(20), |e| e.event_id() == invite_id)
+        .await
+        .expect("our invite comes back in the sync")
+        .ts();
+    let answer = inbox
+        .wait_for(Instant::now() + Duration::from_secs(30), |e| {
+            from_bot(e)
+                && e.call_id() == call_id
+                && matches!(e.ty(), "m.call.answer" | "m.call.reject" | "m.call.hangup")
+        })
+        .await
+        .expect("the bot answered within 30 s");
+    assert_eq!(answer.ty(), "m.call.answer", "the bot answers the valid invite: {}", answer.content());
+    assert!(answer.encrypted, "the bot's answer in the encrypted room was encrypted");
+    let answer_sdp = answer.content()["answer"]["sdp"].as_str().expect("answer.sdp").to_owned();
+    assert_eq!(answer.content()["answer"]["type"], "answer");
+    assert_eq!(answer.content()["party_id"], s.bot_device.as_str(), "the answer's party_id is the bot's device");
+    assert!(sdp_is_recvonly(&answer_sdp), "the answer is receive-only:\n{answer_sdp}");
+    assert!(answer_sdp.contains("a=candidate:"), "the answer carries candidates:\n{answer_sdp}");
+    let line = json!({"type": "answer", "sdp": answer_sdp}).to_string() + "\n";
+    aiortc.stdin.write_all(line.as_bytes()).await.unwrap();
+    aiortc.stdin.flush().await.unwrap();
+    let bot_party = answer.content()["party_id"].as_str().unwrap_or_default().to_owned();
+    caller.send_call(room, "m.call.select_answer", json!({"call_id": call_id, "selected_party_id": bot_party})).await;
+    // As matrix-js-sdk does once gathering completes (aiortc's candidates are all in its offer).
+    caller.send_call(room, "m.call.candidates", json!({"call_id": call_id, "candidates": [{"candidate": ""}]})).await;
+    (aiortc, invite_ts, answer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_room_call_and_malformed_input() {
     let Some((hs, s3)) = servers("voip1_call::encrypted_room_call_and_malformed_input") else { return };
@@ -609,36 +659,7 @@ async fn encrypted_room_call_and_malformed_input() {
 
     // 5. The real call: aiortc's offer in an encrypted invite, the bot's answer back to aiortc.
     let call_id = format!("call-{}", s.suffix);
-    let mut aiortc = start_aiortc(CALL_SECONDS).await;
-    let stream = msid_stream(&aiortc.offer_sdp);
-    let invite_id = caller.send_call(&room, "m.call.invite", invite(&call_id, &aiortc.offer_sdp, Some(&stream))).await;
-    let invite_ts = inbox
-        .wait_for(Instant::now() + Duration::from_secs(20), |e| e.event_id() == invite_id)
-        .await
-        .expect("our invite comes back in the sync")
-        .ts();
-    let answer = inbox
-        .wait_for(Instant::now() + Duration::from_secs(30), |e| {
-            from_bot(e)
-                && e.call_id() == call_id
-                && matches!(e.ty(), "m.call.answer" | "m.call.reject" | "m.call.hangup")
-        })
-        .await
-        .expect("the bot answered within 30 s");
-    assert_eq!(answer.ty(), "m.call.answer", "the bot answers the valid invite: {}", answer.content());
-    assert!(answer.encrypted, "the bot's answer in the encrypted room was encrypted");
-    let answer_sdp = answer.content()["answer"]["sdp"].as_str().expect("answer.sdp").to_owned();
-    assert_eq!(answer.content()["answer"]["type"], "answer");
-    assert_eq!(answer.content()["party_id"], s.bot_device.as_str(), "the answer's party_id is the bot's device");
-    assert!(sdp_is_recvonly(&answer_sdp), "the answer is receive-only:\n{answer_sdp}");
-    assert!(answer_sdp.contains("a=candidate:"), "the answer carries candidates:\n{answer_sdp}");
-    let line = json!({"type": "answer", "sdp": answer_sdp}).to_string() + "\n";
-    aiortc.stdin.write_all(line.as_bytes()).await.unwrap();
-    aiortc.stdin.flush().await.unwrap();
-    let bot_party = answer.content()["party_id"].as_str().unwrap_or_default().to_owned();
-    caller.send_call(&room, "m.call.select_answer", json!({"call_id": call_id, "selected_party_id": bot_party})).await;
-    // As matrix-js-sdk does once gathering completes (aiortc's candidates are all in its offer).
-    caller.send_call(&room, "m.call.candidates", json!({"call_id": call_id, "candidates": [{"candidate": ""}]})).await;
+    let (mut aiortc, invite_ts, answer) = place_call(&s, &caller, &room, &mut inbox, &call_id, CALL_SECONDS).await;
 
     let status = tokio::time::timeout(Duration::from_secs(CALL_SECONDS as u64 + 60), aiortc.child.wait())
         .await
@@ -708,6 +729,244 @@ async fn encrypted_room_call_and_malformed_input() {
     drop(caller);
     let status = s.mxrec.stop(Duration::from_secs(30));
     assert!(status.success(), "mxrec exits 0 on SIGTERM, not {status}");
+}
+
+// -------------------------------------------------------------------------------------------------
+// Test 3: room control of a 1:1 call, consent state, and members-only links.
+
+/// The room's `org.mxrec.recording` state, as the homeserver has it.
+async fn recording_state(hs: &Synapse, token: &str, room_id: &str) -> Value {
+    let url = format!("{}/_matrix/client/v3/rooms/{}/state/org.mxrec.recording/", hs.homeserver, pct(room_id));
+    let r = reqwest::Client::new().get(&url).bearer_auth(token).send().await.unwrap();
+    if r.status() == 404 {
+        return Value::Null;
+    }
+    r.json().await.unwrap()
+}
+
+/// Waits until the room's recording state satisfies `pred` (state events travel through the
+/// bot's outbox, a moment after the reply).
+async fn wait_state(hs: &Synapse, token: &str, room_id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = recording_state(hs, token, room_id).await;
+        if pred(&v) {
+            eprintln!("org.mxrec.recording {what}: {v}");
+            return v;
+        }
+        assert!(Instant::now() < deadline, "org.mxrec.recording never became {what}; last {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Sends `!rec <cmd>` as `who` and returns the bot's threaded reply to it.
+async fn command(who: &Caller, room: &Room, inbox: &mut Inbox, bot: &str, cmd: &str) -> Seen {
+    use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+    let id = who
+        .client
+        .get_room(room.room_id())
+        .expect("in the room")
+        .send(RoomMessageEventContent::text_plain(format!("!rec {cmd}")))
+        .await
+        .unwrap_or_else(|e| panic!("sending !rec {cmd}: {e}"))
+        .response
+        .event_id
+        .to_string();
+    let reply = inbox
+        .wait_for(Instant::now() + Duration::from_secs(30), |e| {
+            e.sender() == bot && e.content()["m.relates_to"]["m.in_reply_to"]["event_id"] == id.as_str()
+        })
+        .await
+        .unwrap_or_else(|| panic!("no reply to `!rec {cmd}` within 30 s"));
+    let rel = &reply.content()["m.relates_to"];
+    assert_eq!(rel["rel_type"], "m.thread", "the reply to `!rec {cmd}` is threaded: {}", reply.content());
+    assert_eq!(rel["event_id"], id.as_str(), "the thread is the command's");
+    assert!(reply.encrypted, "the reply in the encrypted room was encrypted");
+    eprintln!("`!rec {cmd}` → {:?}", reply.body());
+    reply
+}
+
+/// A Matrix OpenID token of `token`'s user, as the link page would get it.
+async fn openid(hs: &Synapse, user: &str, token: &str) -> Value {
+    let url = format!("{}/_matrix/client/v3/user/{}/openid/request_token", hs.homeserver, pct(user));
+    let r = reqwest::Client::new().post(&url).bearer_auth(token).json(&json!({})).send().await.unwrap();
+    assert!(r.status().is_success(), "openid token for {user}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// POSTs an OpenID proof to a members-only link: the status and the answer.
+async fn prove(link: &str, proof: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new().post(format!("{link}/openid")).json(proof).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// In an encrypted DM the caller (the room's creator, so a moderator) calls the bot and steers
+/// the recording from the room: pause ~4 s in, resume ~4 s later, stop ~4 s after that (the bot
+/// hangs up). Bob, invited after the answer with power level 0, is refused. The room asks for
+/// members-only links (`org.mxrec.config`). One recording results: a pause span in the manifest
+/// with no segment inside it, the pause card in the composite with no flash and no beep, the
+/// state event following each step; the composite opens for the caller with an OpenID token and
+/// is refused to a non-member and to a forged token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_commands_steer_a_call_and_links_are_members_only() {
+    let Some((hs, s3)) = servers("voip1_call::room_commands_steer_a_call_and_links_are_members_only") else { return };
+    let _turn = serial();
+    let extra = format!("[http.openid_homeservers]\nlocalhost = \"{}\"\n", hs.homeserver);
+    let mut s = setup_with(&hs, &s3, &extra).await;
+    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
+    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let room_id = room.room_id().to_string();
+    let bot = s.bot.clone();
+    let joined = inbox
+        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
+            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
+        })
+        .await;
+    assert!(joined.is_some(), "the bot joined the DM within 60 s");
+    room.send_state_event_raw("org.mxrec.config", "", json!({"members_only_links": true}))
+        .await
+        .expect("the caller sets org.mxrec.config");
+    let bob_password = format!("bob-pw-{}", s.suffix);
+    let bob_id = register_user(&hs, &format!("bob-{}", s.suffix), &bob_password);
+    let carol_password = format!("carol-pw-{}", s.suffix);
+    let carol_id = register_user(&hs, &format!("carol-{}", s.suffix), &carol_password);
+    let bob = Caller::login(&hs, &bob_id, &bob_password, &s.dir.path().join("bob-store")).await;
+    let carol = Caller::login(&hs, &carol_id, &carol_password, &s.dir.path().join("carol-store")).await;
+
+    // Before any call: nothing to pause.
+    let r = command(&caller, &room, &mut inbox, &bot, "pause").await;
+    assert!(r.body().contains("Nothing is being recorded"), "{}", r.body());
+
+    let call_id = format!("steered-{}", s.suffix);
+    let (mut aiortc, invite_ts, answer) = place_call(&s, &caller, &room, &mut inbox, &call_id, 30.0).await;
+    let started = wait_state(&hs, &caller.token, &room_id, "active", |v| v["active"] == true).await;
+    assert_eq!(started["started_by"], s.caller.as_str());
+    assert_eq!(started["flavour"], "voip1");
+    assert_eq!(started["paused"], false);
+
+    // Bob joins the (already answered) call's room.
+    room.invite_user_by_id(&OwnedUserId::try_from(bob_id.as_str()).unwrap()).await.expect("invite bob");
+    bob.client.join_room_by_id(room.room_id()).await.expect("bob joins");
+    let bob_room = bob.client.get_room(room.room_id()).unwrap();
+
+    tokio::time::sleep_until(Instant::now() + Duration::from_millis((answer.ts() + 4000 - now_ms()).max(0) as u64)).await;
+    let r = command(&caller, &room, &mut inbox, &bot, "pause").await;
+    assert_eq!(r.body(), "Recording paused.");
+    let paused_at = r.ts();
+    wait_state(&hs, &caller.token, &room_id, "paused", |v| v["paused"] == true && v["active"] == true).await;
+    let r = command(&caller, &room, &mut inbox, &bot, "pause").await;
+    assert!(r.body().contains("paused already"), "{}", r.body());
+    let r = command(&bob, &bob_room, &mut inbox, &bot, "resume").await;
+    assert!(r.body().contains("needs power level 50") && r.body().contains("yours is 0"), "{}", r.body());
+
+    tokio::time::sleep_until(Instant::now() + Duration::from_millis((paused_at + 4000 - now_ms()).max(0) as u64)).await;
+    let r = command(&caller, &room, &mut inbox, &bot, "resume").await;
+    assert_eq!(r.body(), "Recording resumed.");
+    let resumed_at = r.ts();
+    wait_state(&hs, &caller.token, &room_id, "resumed", |v| v["paused"] == false && v["active"] == true).await;
+    let r = command(&bob, &bob_room, &mut inbox, &bot, "status").await;
+    assert!(r.body().starts_with("Recording since"), "status is open to everyone: {}", r.body());
+
+    tokio::time::sleep_until(Instant::now() + Duration::from_millis((resumed_at + 4000 - now_ms()).max(0) as u64)).await;
+    let r = command(&caller, &room, &mut inbox, &bot, "stop").await;
+    assert!(r.body().starts_with("Stopping"), "{}", r.body());
+    let from_bot = |e: &Seen| e.sender() == bot;
+    let hangup = inbox
+        .wait_for(Instant::now() + Duration::from_secs(20), |e| from_bot(e) && e.ty() == "m.call.hangup" && e.call_id() == call_id)
+        .await
+        .expect("the bot hangs up on `!rec stop`");
+    let _ = aiortc.child.start_kill();
+    for words in ["Recording paused by ", "Recording resumed by ", "Recording stopped by "] {
+        assert!(
+            !inbox.all(|e| from_bot(e) && e.ts() >= invite_ts && e.body().starts_with(words)).is_empty(),
+            "the room was told `{words}…`"
+        );
+    }
+    let links = inbox
+        .wait_for(Instant::now() + Duration::from_millis(LINKS_WITHIN_MS as u64), |e| {
+            from_bot(e) && e.ts() >= invite_ts && (e.body().starts_with("Recording saved:") || e.body().starts_with("Recording failed:"))
+        })
+        .await
+        .expect("a links notice after the stop");
+    eprintln!("links notice {} ms after the bot's hangup:\n{}", links.ts() - hangup.ts(), links.body());
+    let notice = LinksNotice::parse(links.body());
+    wait_state(&hs, &caller.token, &room_id, "inactive", |v| v["active"] == false).await;
+    let recordings = inbox.all(|e| from_bot(e) && e.ts() >= invite_ts && e.body().starts_with("Recording saved:"));
+    assert_eq!(recordings.len(), 1, "one recording for the whole call");
+
+    // Members-only: no proof, a forged token and a non-member are refused; the caller gets in.
+    let http = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = http.get(&notice.composite_url).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a members-only link without proof");
+    let (status, answer) = prove(&notice.composite_url, &json!({"access_token": "forged-token-0123456789", "matrix_server_name": "localhost"})).await;
+    assert_eq!(status, 403, "a forged OpenID token: {answer}");
+    let (status, answer) = prove(&notice.composite_url, &openid(&hs, &carol_id, &carol.token).await).await;
+    assert_eq!(status, 403, "a non-member: {answer}");
+    assert!(answer.to_string().contains("member"), "the refusal says why: {answer}");
+    let (status, granted) = prove(&notice.composite_url, &openid(&hs, &s.caller, &caller.token).await).await;
+    assert_eq!(status, 200, "the caller, a member: {granted}");
+    let grant = granted["grant"].as_str().expect("a grant");
+    let (composite, _) = fetch_link(&reqwest::Client::new(), &format!("{}?grant={grant}", notice.composite_url)).await;
+    let work = s.dir.path().join("verify");
+    std::fs::create_dir_all(&work).unwrap();
+    let composite_path = work.join("composite.mp4");
+    std::fs::write(&composite_path, &composite).unwrap();
+
+    // The manifest: one pause, who asked what, and no media inside the pause.
+    let m = load_manifest(&s3, &s.prefix, &room_id, &notice.recording_id).await;
+    assert_eq!(m.pauses.len(), 1, "one pause: {:?}", m.pauses);
+    let (p0, p1) = (m.pauses[0].start_us, m.pauses[0].end_us.expect("the pause ended"));
+    let pause_s = (p1 - p0) as f64 / 1e6;
+    eprintln!("pause on the recording clock: {:.2}–{:.2} s ({pause_s:.2} s)", p0 as f64 / 1e6, p1 as f64 / 1e6);
+    assert!((3.0..=6.0).contains(&pause_s), "the pause lasted {pause_s} s, not about 4");
+    let actions: Vec<(&str, &str)> = m.control.iter().map(|c| (c.action.as_str(), c.by.as_str())).collect();
+    assert_eq!(actions, [("pause", s.caller.as_str()), ("resume", s.caller.as_str()), ("stop", s.caller.as_str())]);
+    for t in &m.tracks {
+        for seg in &t.segments {
+            assert!(
+                seg.end_us <= p0 + 100_000 || seg.start_us >= p1,
+                "track {} segment {}–{} µs reaches into the pause {p0}–{p1}",
+                t.id,
+                seg.start_us,
+                seg.end_us
+            );
+        }
+        let before = t.segments.iter().any(|x| x.start_us < p0);
+        let after = t.segments.iter().any(|x| x.end_us > p1);
+        assert!(before && after, "track {} has media before and after the pause", t.id);
+    }
+
+    // The composite: the pause card (dark, no flash) and silence (no beep) inside the pause;
+    // flashes and beeps around it.
+    let (a, b) = (p0 as f64 / 1e6 + 0.3, p1 as f64 / 1e6 - 0.3);
+    let luma = luma_per_frame(&[&composite_path]);
+    let inside: Vec<f64> = luma.iter().filter(|(t, _)| (a..b).contains(t)).map(|(_, y)| *y).collect();
+    assert!(!inside.is_empty(), "composite frames inside the pause");
+    let brightest = inside.iter().cloned().fold(0.0, f64::max);
+    assert!(brightest < 30.0, "the pause card is dark with a line of text; brightest frame YAVG {brightest}");
+    let flashes = flash_times(&luma);
+    assert!(flashes.iter().any(|t| *t < a) && flashes.iter().any(|t| *t > b), "flashes before and after the pause: {flashes:?}");
+    let beeps = beep_onsets(&audio_rms_per_ms(&[&composite_path]));
+    assert!(!beeps.iter().any(|t| (a..b).contains(t)), "no beep inside the pause: {beeps:?}");
+    assert!(beeps.iter().any(|t| *t > b), "beeps after the pause: {beeps:?}");
+
+    s.mxrec.assert_running("the recording was verified");
+    drop((caller, bob, carol));
+    let status = s.mxrec.stop(Duration::from_secs(30));
+    assert!(status.success(), "mxrec exits 0 on SIGTERM, not {status}");
+
+    // The audit table: the refusal, the commands and the grant, with who.
+    let db = format!("sqlite://{}", s.dir.path().join("data/mxrec.db").display());
+    let catalog = storage::Catalog::connect(&db).await.unwrap();
+    let rec = storage::RecordingId::new(notice.recording_id.as_str());
+    let audit: Vec<(String, String)> = catalog.audit_events(&rec).await.unwrap().into_iter().map(|e| (e.actor, e.action)).collect();
+    eprintln!("audit of {}: {audit:?}", notice.recording_id);
+    for (actor, action) in [(s.caller.as_str(), "recording.pause"), (s.caller.as_str(), "recording.resume"), (s.caller.as_str(), "command.pause")] {
+        assert!(audit.iter().any(|(a, x)| a == actor && x == action), "audit has {action} by {actor}");
+    }
+    assert!(audit.iter().any(|(_, x)| x.starts_with("link.")), "link events are audited");
 }
 
 #[test]

@@ -766,6 +766,29 @@ pub fn s3_store(s3: &S3, prefix: &str) -> std::sync::Arc<dyn object_store::Objec
 /// every segment in the bucket has the manifest's size and SHA-256; the composite the link served
 /// is the manifest's output byte for byte, and a track link that serves a stored object serves it
 /// byte for byte.
+/// A recording's manifest from the bucket, waiting up to 15 s for the upload to become visible.
+pub async fn load_manifest(s3: &S3, prefix: &str, room_id: &str, recording_id: &str) -> storage::Manifest {
+    let store = s3_store(s3, prefix);
+    let key =
+        storage::ObjectKeys::new(&storage::RoomId::new(room_id), &storage::RecordingId::new(recording_id)).manifest();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match storage::Manifest::load_object(store.as_ref(), &key).await {
+            Ok(m) => return m,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("manifest {key} not readable yet: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                use futures::TryStreamExt;
+                let listed: Vec<String> =
+                    store.list(None).map_ok(|o| o.location.to_string()).try_collect().await.unwrap_or_default();
+                panic!("manifest {key} (prefix {prefix}): {e}; the bucket holds under the prefix: {listed:#?}")
+            }
+        }
+    }
+}
+
 pub async fn verify_call_recording(
     dir: &Path,
     s3: &S3,
@@ -806,27 +829,7 @@ pub async fn verify_call_recording(
 
     // The manifest; the notice may be posted a moment before the upload is visible.
     let store = s3_store(s3, prefix);
-    let key = storage::ObjectKeys::new(
-        &storage::RoomId::new(room_id),
-        &storage::RecordingId::new(notice.recording_id.as_str()),
-    )
-    .manifest();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-    let manifest = loop {
-        match storage::Manifest::load_object(store.as_ref(), &key).await {
-            Ok(m) => break m,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                eprintln!("manifest {key} not readable yet: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-            Err(e) => {
-                use futures::TryStreamExt;
-                let listed: Vec<String> =
-                    store.list(None).map_ok(|o| o.location.to_string()).try_collect().await.unwrap_or_default();
-                panic!("manifest {key} (prefix {prefix}): {e}; the bucket holds under the prefix: {listed:#?}")
-            }
-        }
-    };
+    let manifest = load_manifest(s3, prefix, room_id, &notice.recording_id).await;
     assert_eq!(manifest.recording_id, notice.recording_id);
     assert_eq!(manifest.room.id, room_id);
     assert!(
