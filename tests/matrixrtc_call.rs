@@ -835,23 +835,6 @@ struct Fetched {
     files: HashMap<String, PathBuf>,
 }
 
-/// The manifest from the bucket; the notice may be posted a moment before the upload is visible.
-async fn load_manifest(s3: &S3, prefix: &str, room: &str, recording_id: &str) -> storage::Manifest {
-    let store = s3_store(s3, prefix);
-    let key = storage::ObjectKeys::new(&storage::RoomId::new(room), &storage::RecordingId::new(recording_id)).manifest();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match storage::Manifest::load_object(store.as_ref(), &key).await {
-            Ok(m) => return m,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("manifest {key} not readable yet: {e}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => panic!("manifest {key} (prefix {prefix}): {e}"),
-        }
-    }
-}
-
 /// Fetches the manifest, the composite and every track link; each file must decode cleanly.
 async fn fetch_recording(work: &Path, s3: &S3, prefix: &str, room: &str, notice: &LinksNotice) -> Fetched {
     std::fs::create_dir_all(work).unwrap();
@@ -1247,6 +1230,179 @@ async fn whole_call(test: &str, encrypted: bool, api_key: bool) {
     drop((alice, bob, carol, dave));
     let status = bot.mxrec.stop(Duration::from_secs(30));
     assert!(status.success(), "mxrec exits 0 on SIGTERM, not {status}");
+}
+
+// -------------------------------------------------------------------------------------------------
+// Room control of a MatrixRTC call.
+
+/// Sends `!rec <cmd>` as `who` and returns the bot's threaded reply (as `who` sees it).
+async fn command(who: &mut Participant, room: &str, bot: &str, cmd: &str) -> Value {
+    use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+    let id = who
+        .room
+        .as_ref()
+        .expect("in the room")
+        .send(RoomMessageEventContent::text_plain(format!("!rec {cmd}")))
+        .await
+        .unwrap_or_else(|e| panic!("{} sends !rec {cmd}: {e}", who.name))
+        .response
+        .event_id
+        .to_string();
+    let reply = who
+        .timeline
+        .wait_for(Instant::now() + Duration::from_secs(30), |r, ev| {
+            r == room && ev["sender"] == bot && ev["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == id.as_str()
+        })
+        .await
+        .unwrap_or_else(|| panic!("no reply to {}'s `!rec {cmd}` within 30 s", who.name));
+    assert_eq!(reply["content"]["m.relates_to"]["rel_type"], "m.thread", "threaded: {reply}");
+    eprintln!("{}: `!rec {cmd}` → {}", who.name, reply["content"]["body"]);
+    reply
+}
+
+fn body(ev: &Value) -> &str {
+    ev["content"]["body"].as_str().unwrap_or_default()
+}
+
+/// Waits until the room's `org.mxrec.recording` satisfies `pred`.
+async fn wait_recording_state(hs: &str, token: &str, room: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = room_state(hs, token, room, "org.mxrec.recording", "").await.unwrap_or(Value::Null);
+        if pred(&v) {
+            eprintln!("org.mxrec.recording {what}: {v}");
+            return v;
+        }
+        assert!(Instant::now() < deadline, "org.mxrec.recording never became {what}; last {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A room set to auto-record (`org.mxrec.config` by its moderator Alice): Alice's call is
+/// recorded with no command. Bob, joining later, is mentioned in a notice; he opts out for a few
+/// seconds and back in; his `!rec pause` is refused (power level 0); Alice pauses, resumes and
+/// stops. One recording: Bob's tracks hold nothing of his opt-out and his tile is there without
+/// his picture; nobody's media is in the pause, which the composite shows as the pause card; the
+/// state event follows each step; `!rec list` gives the stored recording with a link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_commands_steer_a_matrixrtc_call() {
+    let Some((hs, s3, lk)) = servers("matrixrtc_call::room_commands_steer_a_matrixrtc_call") else { return };
+    let _turn = serial();
+    let suffix = unique_suffix();
+    let accounts = ["alice", "bob"].map(|n| account(&hs, n, &suffix));
+    let bot = start_bot(&hs, &s3, &lk, &suffix, &accounts[0].user, true).await;
+    let store = |n: &str| bot.dir.path().join(format!("{n}-store"));
+    let mut alice = Participant::login(&hs, "alice", &accounts[0], ALICE_GREY, &store("alice")).await;
+    let mut bob = Participant::login(&hs, "bob", &accounts[1], BOB_GREY, &store("bob")).await;
+    let room = alice.create_room(&[bot.user.as_str(), &bob.user_id], false).await;
+    let r = room.as_str();
+    bob.join(&room).await;
+    wait_joined(&hs.homeserver, &alice.token, r, &bot.user, Duration::from_secs(60)).await;
+    let alice_room = alice.room.clone().unwrap();
+    // The bot may post the room's recording state.
+    let mut levels = room_state(&hs.homeserver, &alice.token, r, "m.room.power_levels", "").await.expect("power levels");
+    levels["users"][bot.user.as_str()] = json!(50);
+    alice_room.send_state_event_raw("m.room.power_levels", "", levels).await.expect("alice raises the bot to 50");
+    alice_room
+        .send_state_event_raw("org.mxrec.config", "", json!({"auto_record": true}))
+        .await
+        .expect("alice turns auto-record on");
+    let call = Call {
+        homeserver: hs.homeserver.clone(),
+        room: room.clone(),
+        service_url: lk.service_url.clone(),
+        python: python(),
+        bot_user: bot.user.clone(),
+        bot_device: bot.device.clone(),
+    };
+
+    alice.join_call(&call, false, &[]).await;
+    let state = wait_recording_state(&hs.homeserver, &alice.token, r, "active", |v| v["active"] == true).await;
+    assert_eq!(state["flavour"], "matrixrtc");
+    assert!(state["started_by"].as_str().unwrap().contains(&alice.user_id), "auto-record set by alice: {state}");
+    let start = Instant::now();
+    let at = |s: u64| start + Duration::from_secs(s);
+    tokio::time::sleep_until(at(2)).await;
+    bob.join_call(&call, false, &[]).await;
+    let bob_id = bob.user_id.clone();
+    let mention = alice
+        .timeline
+        .wait_for(Instant::now() + Duration::from_secs(20), |rm, ev| {
+            rm == r && ev["sender"] == bot.user.as_str() && ev["content"]["m.mentions"]["user_ids"][0] == bob_id.as_str()
+        })
+        .await
+        .expect("a notice mentioning Bob once he joined the recorded call");
+    assert!(body(&mention).contains("!rec optout"), "{mention}");
+
+    tokio::time::sleep_until(at(6)).await;
+    let reply = command(&mut bob, r, &bot.user, "optout").await;
+    assert!(body(&reply).contains("left out"), "{reply}");
+    tokio::time::sleep_until(at(10)).await;
+    let reply = command(&mut bob, r, &bot.user, "optin").await;
+    assert!(body(&reply).contains("recorded again"), "{reply}");
+    tokio::time::sleep_until(at(13)).await;
+    let reply = command(&mut bob, r, &bot.user, "pause").await;
+    assert!(body(&reply).contains("needs power level 50"), "{reply}");
+    let reply = command(&mut alice, r, &bot.user, "pause").await;
+    assert_eq!(body(&reply), "Recording paused.");
+    wait_recording_state(&hs.homeserver, &alice.token, r, "paused", |v| v["paused"] == true).await;
+    tokio::time::sleep_until(at(17)).await;
+    let reply = command(&mut alice, r, &bot.user, "resume").await;
+    assert_eq!(body(&reply), "Recording resumed.");
+    tokio::time::sleep_until(at(21)).await;
+    let reply = command(&mut alice, r, &bot.user, "stop").await;
+    assert!(body(&reply).starts_with("Stopping"), "{reply}");
+    let (_, saved) = wait_notices(&mut alice, r, &bot).await;
+    wait_recording_state(&hs.homeserver, &alice.token, r, "inactive", |v| v["active"] == false).await;
+    let reply = command(&mut alice, r, &bot.user, "status").await;
+    assert!(body(&reply).starts_with("Nothing is being recorded"), "stopped for the rest of this call: {reply}");
+    tokio::join!(alice.leave_call(&call), bob.leave_call(&call));
+
+    let notice = LinksNotice::parse(body(&saved));
+    let reply = command(&mut alice, r, &bot.user, "list").await;
+    assert!(body(&reply).contains("http://127.0.0.1:"), "`!rec list` gives links: {reply}");
+    let f = fetch_recording(&bot.dir.path().join("verify"), &s3, &bot.prefix, r, &notice).await;
+    let m = &f.manifest;
+    let saved_count = alice.timeline.all(|rm, ev| rm == r && bot_notice(ev, &bot.user, "Recording saved:")).len();
+    assert_eq!(saved_count, 1, "one recording for the call");
+
+    let actions: Vec<(&str, &str, Option<&str>)> =
+        m.control.iter().map(|c| (c.action.as_str(), c.by.as_str(), c.subject.as_deref())).collect();
+    let (a, b) = (alice.user_id.as_str(), bob.user_id.as_str());
+    assert_eq!(
+        actions,
+        [("optout", b, Some(b)), ("optin", b, Some(b)), ("pause", a, None), ("resume", a, None), ("stop", a, None)],
+        "the manifest's control events"
+    );
+    let at_s = |action: &str| m.control.iter().find(|c| c.action == action).unwrap().at_us;
+    let (out0, out1, p0, p1) = (at_s("optout"), at_s("optin"), at_s("pause"), at_s("resume"));
+    let bob_p = person(m, b);
+    assert_eq!(bob_p.opted_out.len(), 1, "one opt-out span for Bob: {:?}", bob_p.opted_out);
+    assert_eq!((bob_p.opted_out[0].start_us, bob_p.opted_out[0].end_us), (out0, Some(out1)));
+    assert_eq!(m.pauses.len(), 1);
+    assert_eq!((m.pauses[0].start_us, m.pauses[0].end_us), (p0, Some(p1)));
+    let inside = |seg: &storage::manifest::SegmentInfo, from: i64, to: i64| seg.start_us < to && seg.end_us > from + 100_000;
+    for t in &m.tracks {
+        for seg in &t.segments {
+            assert!(!inside(seg, p0, p1), "track {} segment {}–{} reaches into the pause", t.id, seg.start_us, seg.end_us);
+            if t.participant == bob_p.id {
+                assert!(!inside(seg, out0, out1), "Bob's track {} segment {}–{} reaches into his opt-out", t.id, seg.start_us, seg.end_us);
+            }
+        }
+    }
+    let covers = |user: &str, s: TrackSource, t_us: i64| {
+        recorded_track(m, user, s).segments.iter().any(|x| x.start_us <= t_us && x.end_us > t_us)
+    };
+    let mid_out = (out0 + out1) / 2;
+    assert!(covers(a, TrackSource::Camera, mid_out) && covers(a, TrackSource::Microphone, mid_out), "Alice is recorded while Bob is out");
+    assert!(covers(b, TrackSource::Microphone, out1 + 1_500_000), "Bob's audio is back after his opt-in");
+
+    // The composite: Bob's tile without his picture while out; the pause card; both after.
+    let s = |us: i64| us as f64 / 1e6;
+    check_tiles(&f.composite, s(mid_out), "Bob opted out", &[("alice", ALICE_GREY, Some(true)), ("bob", BOB_GREY, Some(false))]);
+    check_tiles(&f.composite, s((p0 + p1) / 2), "paused", &[("alice", ALICE_GREY, Some(false)), ("bob", BOB_GREY, Some(false))]);
+    check_tiles(&f.composite, s(p1) + 1.5, "resumed", &[("alice", ALICE_GREY, Some(true)), ("bob", BOB_GREY, Some(true))]);
+    bot.mxrec.log_lines_with("recording control").iter().for_each(|l| eprintln!("mxrec: {l}"));
 }
 
 #[test]

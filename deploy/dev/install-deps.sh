@@ -3,7 +3,8 @@
 # Used by `make demo` and `make test`, so a fresh machine needs no manual step.
 #   install-deps.sh           build deps (FFmpeg dev libraries, clang, pkg-config, fonts) and what
 #                             the demo's Synapse and aiortc venvs need (python3-venv, curl, ss)
-#   install-deps.sh --test    plus the test servers: PostgreSQL, Garage (S3) and LiveKit (built
+#   install-deps.sh --test    plus the test servers: PostgreSQL, node (runs the link page's own
+#                             script), Garage (S3) and LiveKit (built
 #                             with Go >= 1.26, which must already be installed: Debian's is older)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 debs=(ffmpeg libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev
       libswscale-dev libswresample-dev clang libclang-dev pkg-config fonts-dejavu-core
       ca-certificates curl python3 python3-venv iproute2)
-[[ "${1:-}" == "--test" ]] && debs+=(postgresql)
+[[ "${1:-}" == "--test" ]] && debs+=(postgresql nodejs)
 
 missing=()
 for p in "${debs[@]}"; do

@@ -187,6 +187,10 @@ pub struct Recording {
     manifest: Manifest,
     /// Users who asked not to be recorded: every participant of theirs is left out.
     opted_out_users: BTreeSet<String>,
+    /// Frames stamped before the last resume (or a participant's last opt-in) were captured
+    /// inside the gap and arrive late: they are left out too.
+    resumed_at_us: i64,
+    opted_in_at_us: BTreeMap<String, i64>,
     span: tracing::Span,
 }
 
@@ -241,6 +245,8 @@ impl Recording {
             last_us: 0,
             manifest,
             opted_out_users: BTreeSet::new(),
+            resumed_at_us: 0,
+            opted_in_at_us: BTreeMap::new(),
             span,
         })
     }
@@ -390,6 +396,7 @@ impl Recording {
         }
         let at_us = self.control_time(at_us);
         self.timeline.set_paused(false, at_us);
+        self.resumed_at_us = self.resumed_at_us.max(at_us);
         self.control("resume", by, None, at_us).await?;
         Ok(true)
     }
@@ -422,6 +429,7 @@ impl Recording {
         let at_us = self.control_time(at_us);
         for p in self.participants_of(user_id) {
             self.timeline.set_opted_out(&p, false, at_us);
+            self.opted_in_at_us.insert(p, at_us);
         }
         self.control("optin", by, Some(user_id), at_us).await?;
         Ok(true)
@@ -479,7 +487,11 @@ impl Recording {
             return Ok(());
         }
         let state = self.tracks.get_mut(track).ok_or_else(|| anyhow!("unknown track {track}"))?;
-        if self.timeline.is_opted_out(&state.info.participant_id) {
+        let opted_in_at = self.opted_in_at_us.get(&state.info.participant_id).copied().unwrap_or(0);
+        if self.timeline.is_opted_out(&state.info.participant_id)
+            || frame.pts_us < self.resumed_at_us
+            || frame.pts_us < opted_in_at
+        {
             return Ok(());
         }
         let Some(writer) = state.writer.as_mut() else {
