@@ -1281,9 +1281,10 @@ async fn wait_recording_state(hs: &str, token: &str, room: &str, what: &str, pre
 /// A room set to auto-record (`org.mxrec.config` by its moderator Alice): Alice's call is
 /// recorded with no command. Bob, joining later, is mentioned in a notice; he opts out for a few
 /// seconds and back in; his `!rec pause` is refused (power level 0); Alice pauses, resumes and
-/// stops. One recording: Bob's tracks hold nothing of his opt-out and his tile is there without
+/// stops. In that recording Bob's tracks hold nothing of his opt-out and his tile is there without
 /// his picture; nobody's media is in the pause, which the composite shows as the pause card; the
-/// state event follows each step; `!rec list` gives the stored recording with a link.
+/// state event follows each step. Alice's `!rec start` in the still running call begins a second
+/// recording; `!rec list` gives both with links.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn room_commands_steer_a_matrixrtc_call() {
     let Some((hs, s3, lk)) = servers("matrixrtc_call::room_commands_steer_a_matrixrtc_call") else { return };
@@ -1356,15 +1357,32 @@ async fn room_commands_steer_a_matrixrtc_call() {
     wait_recording_state(&hs.homeserver, &alice.token, r, "inactive", |v| v["active"] == false).await;
     let reply = command(&mut alice, r, &bot.user, "status").await;
     assert!(body(&reply).starts_with("Nothing is being recorded"), "stopped for the rest of this call: {reply}");
+    // `!rec start` in the running call: a second recording, started by Alice, stopped again.
+    let first = LinksNotice::parse(body(&saved)).recording_id;
+    let reply = command(&mut alice, r, &bot.user, "start").await;
+    assert!(body(&reply).starts_with("Recording the call"), "{reply}");
+    let state = wait_recording_state(&hs.homeserver, &alice.token, r, "active again", |v| v["active"] == true).await;
+    assert_eq!(state["started_by"], alice.user_id.as_str());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let reply = command(&mut alice, r, &bot.user, "stop").await;
+    assert!(body(&reply).starts_with("Stopping"), "{reply}");
+    let second = alice
+        .timeline
+        .wait_for(Instant::now() + SAVED_WITHIN, |rm, ev| {
+            rm == r && bot_notice(ev, &bot.user, "Recording saved:") && !body(ev).contains(first.as_str())
+        })
+        .await
+        .expect("the second recording is saved");
+    eprintln!("second recording: {}", body(&second));
     tokio::join!(alice.leave_call(&call), bob.leave_call(&call));
 
     let notice = LinksNotice::parse(body(&saved));
     let reply = command(&mut alice, r, &bot.user, "list").await;
-    assert!(body(&reply).contains("http://127.0.0.1:"), "`!rec list` gives links: {reply}");
+    assert_eq!(body(&reply).matches("http://127.0.0.1:").count(), 2, "`!rec list` gives both with links: {reply}");
     let f = fetch_recording(&bot.dir.path().join("verify"), &s3, &bot.prefix, r, &notice).await;
     let m = &f.manifest;
     let saved_count = alice.timeline.all(|rm, ev| rm == r && bot_notice(ev, &bot.user, "Recording saved:")).len();
-    assert_eq!(saved_count, 1, "one recording for the call");
+    assert_eq!(saved_count, 2, "the auto-recorded one (with the pause) and the one `!rec start` began");
 
     let actions: Vec<(&str, &str, Option<&str>)> =
         m.control.iter().map(|c| (c.action.as_str(), c.by.as_str(), c.subject.as_deref())).collect();

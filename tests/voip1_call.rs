@@ -868,6 +868,8 @@ async fn room_commands_steer_a_call_and_links_are_members_only() {
     wait_state(&hs, &caller.token, &room_id, "resumed", |v| v["paused"] == false && v["active"] == true).await;
     let r = command(&bob, &bob_room, &mut inbox, &bot, "status").await;
     assert!(r.body().starts_with("Recording since"), "status is open to everyone: {}", r.body());
+    let r = command(&caller, &room, &mut inbox, &bot, "start").await;
+    assert!(r.body().contains("already being recorded"), "{}", r.body());
 
     tokio::time::sleep_until(Instant::now() + Duration::from_millis((resumed_at + 4000 - now_ms()).max(0) as u64)).await;
     let r = command(&caller, &room, &mut inbox, &bot, "stop").await;

@@ -339,6 +339,18 @@ mod tests {
     }
 
     #[test]
+    fn requests_before_the_first_frame_are_kept_in_order_and_pause_toggles() {
+        let mut p = Pending::default();
+        assert!(!p.paused());
+        p.requests.push(Control::Pause { by: "@m:x".into() });
+        assert!(p.paused());
+        p.requests.push(Control::OptOut { user: "@b:x".into() });
+        assert!(p.paused(), "an opt-out does not end the pause");
+        p.requests.push(Control::Resume { by: "@m:x".into() });
+        assert!(!p.paused());
+    }
+
+    #[test]
     fn room_settings_read_known_flags_and_refuse_wrong_types() {
         let s = RoomSettings::parse(&serde_json::json!({"auto_record": true, "other": 1})).unwrap();
         assert_eq!(s, RoomSettings { auto_record: Some(true), members_only_links: None });

@@ -49,6 +49,8 @@ pub struct RtcCallTask {
     pub members: Vec<Member>,
     /// Who asked for the recording (a user id, `config`, `auto-record (set by …)`).
     pub started_by: String,
+    /// Set once the bot has left the call (the recording is then being stored).
+    pub left: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Tokens for one SFU: minted with the API key, or asked of the JWT service each time.
@@ -266,6 +268,7 @@ impl RtcCallTask {
         };
         tokio::join!(closing, drain);
         membership.leave(&self.ctx).await;
+        self.left.store(true, std::sync::atomic::Ordering::Release);
         if let Some(r) = reg.take() {
             if let Some(status) = r.update(|s| {
                 s.active = false;

@@ -15,6 +15,7 @@ pub mod call;
 pub mod matrix;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,6 +63,21 @@ pub enum CallCommand {
 
 struct RoomCall {
     commands: mpsc::UnboundedSender<CallCommand>,
+    /// Tells this task from a later one of the same room.
+    token: u64,
+    /// Set by the task once it has left the call; it may still be storing the recording, and a
+    /// new recording of the room may start meanwhile.
+    left: Arc<AtomicBool>,
+}
+
+impl RoomRtc {
+    /// Forgets a call task that has left the call (it finishes storing on its own).
+    fn forget_left_call(&mut self) {
+        if self.call.as_ref().is_some_and(|c| c.left.load(Ordering::Acquire)) {
+            self.call = None;
+            self.wanted_once = false;
+        }
+    }
 }
 
 struct RoomRtc {
@@ -82,8 +98,9 @@ struct RoomRtc {
 
 pub struct RtcRuntime {
     ctx: Arc<BotContext>,
+    next_token: u64,
     rooms: HashMap<OwnedRoomId, RoomRtc>,
-    running: JoinSet<OwnedRoomId>,
+    running: JoinSet<(OwnedRoomId, u64)>,
 }
 
 fn now_ms() -> u64 {
@@ -92,7 +109,7 @@ fn now_ms() -> u64 {
 
 impl RtcRuntime {
     pub fn new(ctx: Arc<BotContext>) -> Self {
-        Self { ctx, rooms: HashMap::new(), running: JoinSet::new() }
+        Self { ctx, next_token: 0, rooms: HashMap::new(), running: JoinSet::new() }
     }
 
     fn room(&mut self, room: &OwnedRoomId) -> &mut RoomRtc {
@@ -139,10 +156,12 @@ impl RtcRuntime {
                     }
                 }
                 Some(done) = self.running.join_next(), if !self.running.is_empty() => match done {
-                    Ok(room) => {
+                    Ok((room, token)) => {
                         if let Some(r) = self.rooms.get_mut(&room) {
-                            r.call = None;
-                            r.wanted_once = false;
+                            if r.call.as_ref().is_some_and(|c| c.token == token) {
+                                r.call = None;
+                                r.wanted_once = false;
+                            }
                         }
                     }
                     Err(e) => warn!(error = %e, "a MatrixRTC call task ended abnormally; its recording may be incomplete"),
@@ -221,6 +240,7 @@ impl RtcRuntime {
                     Err(format!("the bot is not in {room}; invite it first"))
                 } else {
                     let r = self.room(&room);
+                    r.forget_left_call();
                     if stop {
                         // Until the call ends: auto-record starts again with the next call.
                         r.wanted_once = false;
@@ -263,6 +283,7 @@ impl RtcRuntime {
     fn carry_out(&mut self, stopping: bool) {
         let mut to_start = Vec::new();
         for (room_id, r) in self.rooms.iter_mut() {
+            r.forget_left_call();
             while let Some(ev) = r.session.poll_event() {
                 r.router.handle_session_event(&ev);
                 match &ev {
@@ -311,19 +332,22 @@ impl RtcRuntime {
         let Some(r) = self.rooms.get_mut(&room_id) else { return };
         let members: Vec<Member> = r.session.members().into_iter().cloned().collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        r.call = Some(RoomCall { commands: tx });
+        let token = self.next_token;
+        self.next_token += 1;
+        let left = Arc::new(AtomicBool::new(false));
+        r.call = Some(RoomCall { commands: tx, token, left: left.clone() });
         let started_by = if r.wanted_once || r.wanted_by_state {
             r.wanted_by.clone()
         } else {
             "config".to_owned()
         };
-        let task = call::RtcCallTask { ctx, room_id: room_id.clone(), keys: r.keys.clone(), members, started_by };
+        let task = call::RtcCallTask { ctx, room_id: room_id.clone(), keys: r.keys.clone(), members, started_by, left };
         let span = info_span!("rtc_call", room = %room_id);
         info!(parent: &span, "recording the call");
         self.running.spawn(
             async move {
                 task.run(rx).await;
-                room_id
+                (room_id, token)
             }
             .instrument(span),
         );
