@@ -38,6 +38,8 @@ use crate::pipeline::{ParticipantInfo, Recording, TrackInfo, TrackSource};
 /// After the SFUs are left, how long their last frames may take.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after a member joins a recorded call the notice mentioning them is sent.
+const MENTION_DELAY: Duration = Duration::from_secs(5);
 /// Lifetime of a token mxrec mints itself.
 const MINTED_TTL: Duration = Duration::from_secs(6 * 3600);
 
@@ -396,9 +398,16 @@ impl Media {
         match ev {
             SessionEvent::MemberJoined(m) | SessionEvent::MemberUpdated(m) => {
                 if m.user_id != self.ctx.user_id.as_str() && self.announced.insert(m.user_id.clone()) {
-                    let name = self.ctx.display_name(&self.room_id, &m.user_id).await;
-                    let content = messages::being_recorded_mention(&m.user_id, &name, &self.ctx.bot_name);
-                    let _ = self.outbox.send(Outgoing::Event { event_type: "m.room.message".into(), content });
+                    // Off the media loop, and a moment after the join: in an encrypted room the
+                    // message shares a room key with the newcomer's devices, and that work should
+                    // not land on the first seconds of their media (their clock is set up then).
+                    let (ctx, room_id, user, outbox) = (self.ctx.clone(), self.room_id.clone(), m.user_id.clone(), self.outbox.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(MENTION_DELAY).await;
+                        let name = ctx.display_name(&room_id, &user).await;
+                        let content = messages::being_recorded_mention(&user, &name, &ctx.bot_name);
+                        let _ = outbox.send(Outgoing::Event { event_type: "m.room.message".into(), content });
+                    });
                 }
                 self.members.insert(m.identity.clone(), m);
             }
