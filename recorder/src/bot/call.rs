@@ -26,7 +26,7 @@ use transcoder::{Codec, EncodedFrame, MediaKind};
 
 use super::messages::{self, SavedFile};
 use super::outbox::Outgoing;
-use super::rooms::{self, next_request, publish_status, Control, Pending, RecordingStatus, Registration};
+use super::rooms::{self, next_request, Control, Pending, Registration};
 use super::BotContext;
 use crate::http::metrics as m;
 use crate::peer::{IceServer, PeerConfig, PeerOutput, RecvPeer, TrackKey, TrackStats};
@@ -121,29 +121,14 @@ impl CallTask {
                 // Room commands reach the call from the answer on: the caller is known then.
                 if let (Some((caller, _)), false) = (&media.caller, media.registered) {
                     media.registered = true;
-                    let status = RecordingStatus {
-                        active: true,
-                        started_by: caller.clone(),
-                        started_at: storage::now_ms(),
-                        paused: false,
-                        flavour: "voip1".into(),
-                        recording_id: None,
-                    };
-                    reg = self.ctx.rooms.register(&self.key.room_id, status.clone());
-                    match &reg {
-                        Some(r) => {
-                            media.optouts = r.optouts.clone();
-                            publish_status(&self.outbox, &status);
-                        }
-                        None => warn!("another recording of this room is running; room commands reach that one"),
+                    reg = Registration::open(&self.ctx.rooms, &self.key.room_id, "voip1", caller, &self.outbox);
+                    if let Some(r) = &reg {
+                        media.optouts = r.optouts.clone();
                     }
                 }
             }
-            if let (Some(r), Some(rec), false) = (&reg, &media.recording, media.id_published) {
-                media.id_published = true;
-                if let Some(status) = r.update(|s| s.recording_id = Some(rec.id().to_string())) {
-                    publish_status(&self.outbox, &status);
-                }
+            if let Some(r) = reg.as_mut() {
+                r.publish_recording_id(media.recording.as_ref(), &self.outbox);
             }
             tokio::select! {
                 Some((c, reply)) = next_request(&mut reg), if !stopping => {
@@ -187,12 +172,7 @@ impl CallTask {
         }
         drop(peer);
         if let Some(r) = reg.take() {
-            if let Some(status) = r.update(|s| {
-                s.active = false;
-                s.paused = false;
-            }) {
-                publish_status(&self.outbox, &status);
-            }
+            r.close(&self.outbox);
         }
         if let Some(notice) = media.finish().await {
             let _ = self.outbox.send(Outgoing::Notice(notice));
@@ -276,7 +256,6 @@ struct CallMedia {
     /// Room control: registered once the caller is known; commands given before the first
     /// frame; users who had opted out.
     registered: bool,
-    id_published: bool,
     pending: Pending,
     optouts: BTreeSet<String>,
 }
@@ -295,7 +274,6 @@ impl CallMedia {
             frames_before_zero: 0,
             failed: None,
             registered: false,
-            id_published: false,
             pending: Pending::default(),
             optouts: BTreeSet::new(),
         }

@@ -99,9 +99,54 @@ pub struct Registration {
     pub requests: mpsc::UnboundedReceiver<ControlRequest>,
     /// Users of the room who had opted out when the recording started.
     pub optouts: BTreeSet<String>,
+    id_published: bool,
 }
 
 impl Registration {
+    /// Registers the room's recording (started by `started_by`) and announces it in the state
+    /// event; `None`, logged, when another recording of the room holds the registry.
+    pub fn open(
+        rooms: &Arc<Rooms>,
+        room: &OwnedRoomId,
+        flavour: &str,
+        started_by: &str,
+        outbox: &mpsc::UnboundedSender<Outgoing>,
+    ) -> Option<Self> {
+        let status = RecordingStatus {
+            active: true,
+            started_by: started_by.to_owned(),
+            started_at: storage::now_ms(),
+            paused: false,
+            flavour: flavour.to_owned(),
+            recording_id: None,
+        };
+        let reg = rooms.register(room, status.clone());
+        match &reg {
+            Some(_) => publish_status(outbox, &status),
+            None => tracing::warn!("another recording of this room is running; room commands reach that one"),
+        }
+        reg
+    }
+
+    /// Puts the recording's id in the state event, once, when the recording exists.
+    pub fn publish_recording_id(&mut self, rec: Option<&Recording>, outbox: &mpsc::UnboundedSender<Outgoing>) {
+        let Some(rec) = rec.filter(|_| !self.id_published) else { return };
+        self.id_published = true;
+        if let Some(status) = self.update(|s| s.recording_id = Some(rec.id().to_string())) {
+            publish_status(outbox, &status);
+        }
+    }
+
+    /// Unregisters and announces that nothing is recorded any more.
+    pub fn close(self, outbox: &mpsc::UnboundedSender<Outgoing>) {
+        if let Some(status) = self.update(|s| {
+            s.active = false;
+            s.paused = false;
+        }) {
+            publish_status(outbox, &status);
+        }
+    }
+
     /// Updates what `!rec status` and the state event say; returns the new status.
     pub fn update(&self, f: impl FnOnce(&mut RecordingStatus)) -> Option<RecordingStatus> {
         let mut rooms = self.rooms.rooms.lock().unwrap();
@@ -138,7 +183,14 @@ impl Rooms {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         r.active = Some(Active { token, status, tx });
-        Some(Registration { rooms: self.clone(), room: room.clone(), token, requests: rx, optouts: r.optouts.clone() })
+        Some(Registration {
+            rooms: self.clone(),
+            room: room.clone(),
+            token,
+            requests: rx,
+            optouts: r.optouts.clone(),
+            id_published: false,
+        })
     }
 
     /// The running recording's status.

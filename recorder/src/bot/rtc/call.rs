@@ -26,7 +26,7 @@ use super::matrix::{openid_token, OwnMembership};
 use super::{CallCommand, RoomKeys};
 use crate::bot::messages;
 use crate::bot::outbox::Outgoing;
-use crate::bot::rooms::{self, next_request, publish_status, Control, Pending, RecordingStatus};
+use crate::bot::rooms::{self, next_request, Control, Pending, Registration};
 use crate::bot::BotContext;
 use crate::http::metrics as m;
 use crate::matrixrtc::access::{self, ServiceRequest, SfuGrant};
@@ -133,7 +133,6 @@ struct Media {
     optouts: BTreeSet<String>,
     /// Users told that the call is recorded (by the start notice or a mention).
     announced: HashSet<String>,
-    id_published: bool,
     outbox: mpsc::UnboundedSender<Outgoing>,
 }
 
@@ -182,19 +181,7 @@ impl RtcCallTask {
         }
         info!(sfus = conns.len(), after_ms = started.elapsed().as_millis() as u64, "in the call");
         let _ = outbox.send(Outgoing::Notice(messages::recording_started(&self.ctx.bot_name)));
-        let status = RecordingStatus {
-            active: true,
-            started_by: self.started_by.clone(),
-            started_at: storage::now_ms(),
-            paused: false,
-            flavour: "matrixrtc".into(),
-            recording_id: None,
-        };
-        let mut reg = self.ctx.rooms.register(&self.room_id, status.clone());
-        match &reg {
-            Some(_) => publish_status(&outbox, &status),
-            None => warn!("another recording of this room is running; room commands reach that one"),
-        }
+        let mut reg = Registration::open(&self.ctx.rooms, &self.room_id, "matrixrtc", &self.started_by, &outbox);
         let optouts = reg.as_ref().map(|r| r.optouts.clone()).unwrap_or_default();
 
         let mut media = Media {
@@ -215,7 +202,6 @@ impl RtcCallTask {
             failed: None,
             pending: Pending::default(),
             optouts,
-            id_published: false,
             announced: self.members.iter().map(|m| m.user_id.clone()).collect(),
             outbox: outbox.clone(),
         };
@@ -243,11 +229,8 @@ impl RtcCallTask {
                         if let Some(stop) = media.on_output(i, o, &conns, started).await {
                             break stop;
                         }
-                        if let (Some(r), Some(rec), false) = (&reg, &media.recording, media.id_published) {
-                            media.id_published = true;
-                            if let Some(status) = r.update(|s| s.recording_id = Some(rec.id().to_string())) {
-                                publish_status(&outbox, &status);
-                            }
+                        if let Some(r) = reg.as_mut() {
+                            r.publish_recording_id(media.recording.as_ref(), &outbox);
                         }
                     }
                     None => break "every SFU connection ended".to_string(),
@@ -272,12 +255,7 @@ impl RtcCallTask {
         membership.leave(&self.ctx).await;
         self.left.store(true, std::sync::atomic::Ordering::Release);
         if let Some(r) = reg.take() {
-            if let Some(status) = r.update(|s| {
-                s.active = false;
-                s.paused = false;
-            }) {
-                publish_status(&outbox, &status);
-            }
+            r.close(&outbox);
         }
         if let Some(notice) = media.finish().await {
             let _ = outbox.send(Outgoing::Notice(notice));
