@@ -138,6 +138,21 @@ pub struct Manifest {
     /// opt-in), in order, with who asked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub control: Vec<ControlEvent>,
+    /// Set when mxrec stopped without finishing the recording (a crash, a kill) and a later
+    /// start finished it from what was stored: media after the last stored segment is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<Recovery>,
+}
+
+/// How a recording was finished after a restart.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recovery {
+    /// When the restarted mxrec took the recording up.
+    pub at: DateTime<Utc>,
+    /// Open segments rebuilt from the spool (cut short by the stop, up to their last whole
+    /// frame); 0 when only closed segments were stored.
+    pub salvaged_segments: u32,
 }
 
 /// One request that changed what was recorded: `!rec pause` in a room, an opt-out.
@@ -258,6 +273,7 @@ impl Manifest {
             pauses: Vec::new(),
             outputs: Vec::new(),
             control: Vec::new(),
+            recovered: None,
         }
     }
 

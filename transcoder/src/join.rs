@@ -93,7 +93,7 @@ pub fn join_segments(segments: &[PathBuf], out: &Path) -> Result<JoinReport, Tra
         }
     }
 
-    let copied = copy(segments, out, muxer);
+    let copied = copy(segments, out, muxer, false);
     if copied.is_err() {
         let _ = std::fs::remove_file(partial_path(out));
     }
@@ -143,6 +143,15 @@ fn muxer_for(first: &Path) -> Result<&'static str, TranscodeError> {
 /// reads a file cut short up to the cut and reports a clean end, so the check compares the
 /// file's length with the Segment size its header declares.
 fn open_checked(path: &Path) -> Result<ff::format::context::Input, TranscodeError> {
+    open_segment(path, true)
+}
+
+/// [`open_checked`], or with `require_complete` false, a file whose muxer never finished it
+/// (only its EBML header is checked).
+fn open_segment(
+    path: &Path,
+    require_complete: bool,
+) -> Result<ff::format::context::Input, TranscodeError> {
     let bad = |reason: String| TranscodeError::BadSegment {
         path: path.to_path_buf(),
         reason,
@@ -159,6 +168,7 @@ fn open_checked(path: &Path) -> Result<ff::format::context::Input, TranscodeErro
         .map_err(|e| bad(format!("reading its header: {e}")))?;
     match segment_end(&head) {
         Err(reason) => return Err(bad(reason.into())),
+        Ok(_) if !require_complete => {}
         Ok(None) => {
             return Err(bad(
                 "its Segment size was never written, so its muxer did not finish it".into(),
@@ -378,10 +388,19 @@ struct Copied {
     packets: u64,
     guard: DtsGuard,
     duration_us: i64,
+    /// First packet's pts and last packet's end, in microseconds.
+    span_us: Option<(i64, i64)>,
 }
 
-/// Copies every segment's packets into `<out>.partial` and renames it to `out`.
-fn copy(segments: &[PathBuf], out: &Path, muxer: &str) -> Result<Copied, TranscodeError> {
+/// Copies every segment's packets into `<out>.partial` and renames it to `out`. With `salvage`,
+/// the (single) input is a file its muxer never finished: it is read up to the first error, and
+/// its last packet, which the stop may have cut, is left out.
+fn copy(
+    segments: &[PathBuf],
+    out: &Path,
+    muxer: &str,
+    salvage: bool,
+) -> Result<Copied, TranscodeError> {
     let mut mux: Option<SegmentMuxer> = None;
     let mut guard = DtsGuard::default();
     let mut packets = 0u64;
@@ -392,7 +411,7 @@ fn copy(segments: &[PathBuf], out: &Path, muxer: &str) -> Result<Copied, Transco
             path: path.clone(),
             reason,
         };
-        let mut input = open_checked(path)?;
+        let mut input = open_segment(path, !salvage)?;
         let (in_tb, par) = {
             let st = input.stream(0).expect("checked on open");
             (st.time_base(), st.parameters())
@@ -419,6 +438,7 @@ fn copy(segments: &[PathBuf], out: &Path, muxer: &str) -> Result<Copied, Transco
             match pkt.read(&mut input) {
                 Ok(()) => {}
                 Err(ff::Error::Eof) => break,
+                Err(_) if salvage => break,
                 Err(e) => return Err(bad(format!("reading its packets: {e}"))),
             }
             if pkt.stream() != 0 {
@@ -435,7 +455,7 @@ fn copy(segments: &[PathBuf], out: &Path, muxer: &str) -> Result<Copied, Transco
                 packets += 1;
             }
         }
-        if let Some(mut last) = held {
+        if let Some(mut last) = held.filter(|_| !salvage) {
             let pts = last.pts().expect("placed packets have a pts");
             if let Some(end) = seg_end.filter(|e| *e > pts) {
                 last.set_duration(end - pts);
@@ -446,14 +466,71 @@ fn copy(segments: &[PathBuf], out: &Path, muxer: &str) -> Result<Copied, Transco
     }
     let mux = mux.expect("at least one segment");
     mux.close()?;
-    let duration_us = span
-        .map(|(first, end)| (end - first).rescale(out_tb, (1, 1_000_000)))
-        .unwrap_or(0);
+    let span_us = span.map(|(first, end)| {
+        (
+            first.rescale(out_tb, (1, 1_000_000)),
+            end.rescale(out_tb, (1, 1_000_000)),
+        )
+    });
     Ok(Copied {
         packets,
         guard,
-        duration_us,
+        duration_us: span_us.map_or(0, |(first, end)| end - first),
+        span_us,
     })
+}
+
+/// What [`salvage_segment`] kept of a segment its writer never closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Salvaged {
+    pub path: PathBuf,
+    pub bytes: u64,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+    pub packets: u64,
+    /// First packet's pts on the recording clock.
+    pub start_us: i64,
+    /// Where the last kept packet ends.
+    pub end_us: i64,
+}
+
+/// Rebuilds a whole segment at `out` from `partial`, a segment file its writer never closed
+/// (the process was killed mid-segment): every packet up to the cut is copied with its
+/// timestamps, except the last one read, which the cut may have truncated. `Ok(None)` when
+/// nothing usable is left (fewer than two packets, or not even a header); `partial` is kept.
+pub fn salvage_segment(partial: &Path, out: &Path) -> Result<Option<Salvaged>, TranscodeError> {
+    crate::init();
+    let _span = tracing::info_span!("salvage", file = %partial.display()).entered();
+    let muxer = muxer_for(out)?;
+    match open_segment(partial, false) {
+        Ok(_) => {}
+        Err(TranscodeError::BadSegment { reason, .. }) => {
+            tracing::warn!(%reason, "nothing to salvage");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    }
+    let copied = match copy(&[partial.to_path_buf()], out, muxer, true) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(partial_path(out));
+            return Err(e);
+        }
+    };
+    let Some((start_us, end_us)) = copied.span_us.filter(|_| copied.packets > 0) else {
+        let _ = std::fs::remove_file(out);
+        return Ok(None);
+    };
+    let (bytes, sha256) = hash_file(out)?;
+    tracing::info!(packets = copied.packets, start_us, end_us, bytes, "segment salvaged");
+    Ok(Some(Salvaged {
+        path: out.to_path_buf(),
+        bytes,
+        sha256,
+        packets: copied.packets,
+        start_us,
+        end_us,
+    }))
 }
 
 fn write(

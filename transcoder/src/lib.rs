@@ -22,7 +22,7 @@ pub use compositor::{
     Interval, TrackSource,
 };
 pub use error::TranscodeError;
-pub use join::{join_segments, JoinReport};
+pub use join::{join_segments, salvage_segment, JoinReport, Salvaged};
 pub use layout::{layout, Rect, Tile, TileKind};
 pub use track_writer::{
     EncodedFrame, SegmentInfo, TrackWriter, TrackWriterConfig, TrackWriterStats,

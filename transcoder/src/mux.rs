@@ -39,6 +39,10 @@ fn ff_err(context: String, code: i32) -> TranscodeError {
     }
 }
 
+/// Longest Matroska cluster of a live segment, in milliseconds: at most this much of an open
+/// segment is only in memory.
+pub const LIVE_CLUSTER_MS: i64 = 500;
+
 /// Where a file is written until it is complete: `<path>.partial`.
 pub(crate) fn partial_path(path: &Path) -> PathBuf {
     let mut partial = path.as_os_str().to_owned();
@@ -48,7 +52,7 @@ pub(crate) fn partial_path(path: &Path) -> PathBuf {
 
 impl SegmentMuxer {
     pub fn create(path: &Path, params: &StreamParams) -> Result<Self, TranscodeError> {
-        Self::create_with(path, params.codec.muxer_name(), |par| unsafe {
+        Self::create_with(path, params.codec.muxer_name(), true, |par| unsafe {
             (*par).codec_id = params.codec.ff_id();
             match params.codec.kind() {
                 crate::MediaKind::Audio => {
@@ -74,7 +78,7 @@ impl SegmentMuxer {
         muxer: &str,
         src: &ffmpeg_next::codec::Parameters,
     ) -> Result<Self, TranscodeError> {
-        Self::create_with(path, muxer, |par| unsafe {
+        Self::create_with(path, muxer, false, |par| unsafe {
             let r = ffi::avcodec_parameters_copy(par, src.as_ptr());
             if r < 0 {
                 return Err(ff_err("copying stream parameters".into(), r));
@@ -85,9 +89,14 @@ impl SegmentMuxer {
         })
     }
 
+    /// With `live` (a segment written while the call runs) the file on disk grows every
+    /// [`LIVE_CLUSTER_MS`]: Matroska clusters are kept that short and flushed as they close, so a
+    /// process killed mid-segment leaves a file that [`crate::salvage_segment`] can rebuild up to
+    /// the last flushed cluster. Without it a whole 2 s segment could sit in the muxer's memory.
     fn create_with(
         path: &Path,
         muxer: &str,
+        live: bool,
         fill: impl FnOnce(*mut ffi::AVCodecParameters) -> Result<(), TranscodeError>,
     ) -> Result<Self, TranscodeError> {
         crate::init();
@@ -130,7 +139,14 @@ impl SegmentMuxer {
             if r < 0 {
                 return Err(ff_err(format!("opening {}", partial.display()), r));
             }
-            let r = ffi::avformat_write_header(ctx, ptr::null_mut());
+            let mut opts: *mut ffi::AVDictionary = ptr::null_mut();
+            if live {
+                (*ctx).flags |= ffi::AVFMT_FLAG_FLUSH_PACKETS;
+                let value = CString::new(LIVE_CLUSTER_MS.to_string()).expect("digits");
+                ffi::av_dict_set(&mut opts, c"cluster_time_limit".as_ptr(), value.as_ptr(), 0);
+            }
+            let r = ffi::avformat_write_header(ctx, &mut opts);
+            ffi::av_dict_free(&mut opts);
             if r < 0 {
                 return Err(ff_err(
                     format!("writing header of {}", partial.display()),

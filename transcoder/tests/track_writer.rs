@@ -467,3 +467,46 @@ fn audio_clock_stepping_back_at_a_boundary_leaves_no_overlap() {
         assert!(pair[0].end_us <= pair[1].start_us, "segments overlap: {:?} then {:?}", pair[0], pair[1]);
     }
 }
+
+/// A process killed mid-segment leaves `<segment>.partial`, never closed: the live muxer flushes
+/// short clusters, so [`salvage_segment`] rebuilds all but the last half second or so, with the
+/// recording-clock times, decodable.
+#[test]
+fn a_segment_left_open_by_a_kill_is_salvaged_up_to_its_last_cluster() {
+    let dir = tmp();
+    let src = fixture(dir.path(), Codec::Vp8);
+    let pkts = packets(&src);
+    let mut cfg = config(dir.path(), Codec::Vp8);
+    cfg.segment_duration = std::time::Duration::from_secs(30);
+    let mut w = TrackWriter::new(cfg).unwrap();
+    for p in &pkts[..90] {
+        assert!(w.write(frame(p, OFFSET_US)).unwrap().is_empty(), "one open segment");
+    }
+    // What a SIGKILL leaves: no trailer, whatever the muxer held in memory is gone.
+    std::mem::forget(w);
+    let partial = dir.path().join("segs/track-vp8-00000.webm.partial");
+    assert!(partial.exists(), "the open segment is on disk as {}", partial.display());
+    let out = dir.path().join("salvaged.webm");
+    let s = transcoder::salvage_segment(&partial, &out).unwrap().expect("something salvaged");
+    eprintln!("salvaged {} of 90 frames, {}–{} µs, {} bytes", s.packets, s.start_us, s.end_us, s.bytes);
+    // At most one cluster (500 ms = 15 frames) in memory, the last read frame left out, and the
+    // frame held back by the writer for its duration.
+    assert!(s.packets >= 90 - 15 - 2, "salvaged {} frames of 90", s.packets);
+    assert!(s.packets < 90);
+    assert_eq!(s.start_us, (pkts[0].pts_us + OFFSET_US) / 1000 * 1000, "the first frame keeps its time");
+    assert!(s.end_us <= pkts[89].pts_us + OFFSET_US);
+    assert!(decode_errors(&out).is_empty(), "the salvaged segment decodes: {}", decode_errors(&out));
+    assert!(partial.exists(), "the partial file is kept");
+
+    // A segment with nothing flushed yet has nothing to salvage.
+    let mut cfg = config(dir.path(), Codec::Opus);
+    cfg.track_id = "short".into();
+    let mut w = TrackWriter::new(cfg).unwrap();
+    let opus = packets(&fixture(dir.path(), Codec::Opus));
+    w.write(frame(&opus[0], 0)).unwrap();
+    std::mem::forget(w);
+    let partial = dir.path().join("segs/short-00000.webm.partial");
+    let out = dir.path().join("short.webm");
+    assert_eq!(transcoder::salvage_segment(&partial, &out).unwrap(), None);
+    assert!(!out.exists());
+}
