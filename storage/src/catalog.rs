@@ -131,6 +131,9 @@ pub struct Recording {
 pub struct Participant {
     pub id: ParticipantId,
     pub recording_id: RecordingId,
+    /// The call adapter's key for this participant (unique in the call, the same across
+    /// rejoins): the manifest's participant id. `None` on rows older than the column.
+    pub key: Option<String>,
     pub user_id: UserId,
     pub device_id: Option<DeviceId>,
     pub display_name: Option<String>,
@@ -494,6 +497,7 @@ impl Catalog {
     pub async fn add_participant(
         &self,
         recording: &RecordingId,
+        key: &str,
         user: &UserId,
         device: Option<&DeviceId>,
         display_name: Option<&str>,
@@ -501,11 +505,12 @@ impl Catalog {
     ) -> Result<Participant> {
         let id = ParticipantId::generate();
         sqlx::query(
-            "INSERT INTO participants (id, recording_id, user_id, device_id, display_name, joined_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO participants (id, recording_id, participant_key, user_id, device_id, display_name, joined_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(id.as_str())
         .bind(recording.as_str())
+        .bind(key)
         .bind(user.as_str())
         .bind(device.map(|d| d.as_str()))
         .bind(display_name)
@@ -515,6 +520,7 @@ impl Catalog {
         Ok(Participant {
             id,
             recording_id: recording.clone(),
+            key: Some(key.to_owned()),
             user_id: user.clone(),
             device_id: device.cloned(),
             display_name: display_name.map(str::to_owned),
@@ -534,7 +540,7 @@ impl Catalog {
 
     pub async fn participants(&self, recording: &RecordingId) -> Result<Vec<Participant>> {
         let rows = sqlx::query(
-            "SELECT id, recording_id, user_id, device_id, display_name, joined_at_ms, left_at_ms \
+            "SELECT id, recording_id, participant_key, user_id, device_id, display_name, joined_at_ms, left_at_ms \
              FROM participants WHERE recording_id = $1 ORDER BY joined_at_ms, id",
         )
         .bind(recording.as_str())
@@ -545,6 +551,7 @@ impl Catalog {
                 Ok(Participant {
                     id: ParticipantId::new(r.try_get::<String, _>("id")?),
                     recording_id: RecordingId::new(r.try_get::<String, _>("recording_id")?),
+                    key: r.try_get("participant_key")?,
                     user_id: UserId::new(r.try_get::<String, _>("user_id")?),
                     device_id: r
                         .try_get::<Option<String>, _>("device_id")?

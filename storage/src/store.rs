@@ -166,11 +166,14 @@ pub struct RetrySettings {
 impl Default for RetrySettings {
     fn default() -> Self {
         Self {
-            max_retries: 10,
+            // Short: a blip is retried here, request by request; a longer outage is the
+            // uploader's to ride out (whole-upload attempts with back-off, logged and counted in
+            // mxrec_upload_retries_total), where it shows.
+            max_retries: 3,
             init_backoff_ms: 100,
-            max_backoff_ms: 15_000,
+            max_backoff_ms: 2_000,
             backoff_base: 2.0,
-            retry_timeout_secs: 180,
+            retry_timeout_secs: 30,
         }
     }
 }
@@ -474,7 +477,7 @@ mod tests {
             allow_http = true
             prefix = "mxrec"
             [retry]
-            max_retries = 3
+            max_retries = 7
             "#,
         )
         .unwrap();
@@ -484,8 +487,8 @@ mod tests {
         assert_eq!(s3.bucket.as_deref(), Some("b"));
         assert!(s3.allow_http && !s3.virtual_hosted_style);
         assert_eq!(c.prefix, "mxrec");
-        assert_eq!(c.retry.max_retries, 3);
-        assert_eq!(c.retry.max_backoff_ms, 15_000);
+        assert_eq!(c.retry.max_retries, 7);
+        assert_eq!(c.retry.max_backoff_ms, 2_000, "unset keys keep their defaults");
 
         let c: StoreConfig = toml::from_str("prefix = \"p\"\nroot = \"/srv/rec\"").unwrap();
         assert_eq!(

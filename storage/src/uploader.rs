@@ -66,12 +66,16 @@ impl Default for UploaderConfig {
             part_size: 8 * MIB,
             part_concurrency: 4,
             upload_concurrency: 2,
-            max_attempts: 8,
+            // 1 + 2 + 4 + … + 60 s: a store that is away for about 15 minutes loses nothing.
+            max_attempts: 20,
             initial_backoff_ms: 1_000,
             max_backoff_ms: 60_000,
             keep_local: false,
             verify: VerifyMode::Auto,
-            queue_capacity: 256,
+            // Jobs are small and the spool holds the files: while the store is away, a large call
+            // closes ~30 segments a minute per track, and `enqueue` (called from the media path)
+            // must not wait for room.
+            queue_capacity: 16_384,
         }
     }
 }
@@ -574,16 +578,20 @@ impl UploadQueue {
         Ok(rx)
     }
 
-    /// Queue everything a previous run left in the spool. Returns how many were queued.
-    pub async fn resume_from_spool(&self) -> Result<usize> {
+    /// Queue everything a previous run left in the spool. Returns each queued upload with the
+    /// receiver of its outcome (dropping a receiver is fine: outcomes are logged and counted by
+    /// the queue task), so recovery can wait for the files of the recordings it finishes.
+    pub async fn resume_from_spool(
+        &self,
+    ) -> Result<Vec<(PendingUpload, oneshot::Receiver<Result<UploadReport>>)>> {
         let pending = self.uploader.spool.scan().await?;
-        let n = pending.len();
+        let mut queued = Vec::with_capacity(pending.len());
         for p in pending {
             info!(key = %p.key, file = %p.local_path.display(), "resuming upload left in the spool");
-            // The receiver is dropped: outcomes are logged and counted by the queue task.
-            let _ = self.enqueue_pending(p).await?;
+            let rx = self.enqueue_pending(p.clone()).await?;
+            queued.push((p, rx));
         }
-        Ok(n)
+        Ok(queued)
     }
 
     /// Stop accepting jobs, finish every queued and running upload, then return.

@@ -82,17 +82,18 @@ async fn scenario(catalog: &Catalog) {
     // Participants: a rejoin is a second stint.
     let alice = storage::UserId::new("@alice:example.org");
     let p1 = catalog
-        .add_participant(&rec.id, &alice, Some(&"DEV".into()), Some("Alice"), 1_500)
+        .add_participant(&rec.id, "alice|DEV", &alice, Some(&"DEV".into()), Some("Alice"), 1_500)
         .await
         .unwrap();
     catalog.participant_left(&p1.id, 3_000).await.unwrap();
     let p2 = catalog
-        .add_participant(&rec.id, &alice, None, None, 4_000)
+        .add_participant(&rec.id, "alice", &alice, None, None, 4_000)
         .await
         .unwrap();
     let ps = catalog.participants(&rec.id).await.unwrap();
     assert_eq!(ps.len(), 2);
     assert_eq!(ps[0].left_at_ms, Some(3_000));
+    assert_eq!(ps[0].key.as_deref(), Some("alice|DEV"), "the adapter's key comes back");
     assert_eq!(ps[1].id, p2.id);
     assert_eq!(ps[1].device_id, None);
 

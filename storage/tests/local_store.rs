@@ -206,7 +206,7 @@ async fn queue_drains_on_shutdown_and_resumes_from_the_spool() {
 
     let spool = Spool::open(&spool_dir).await.unwrap();
     let queue = UploadQueue::start(Uploader::new(store.clone(), spool.clone(), config()).unwrap());
-    assert_eq!(queue.resume_from_spool().await.unwrap(), 2);
+    assert_eq!(queue.resume_from_spool().await.unwrap().len(), 2);
     let mut replies = Vec::new();
     for i in 0..5 {
         let p = spool.path_for(&format!("new/{i}.bin")).await.unwrap();
