@@ -30,6 +30,8 @@ use transcoder::{Codec, EncodedFrame, MediaKind, SegmentInfo, TrackWriter, Track
 use crate::config::Config;
 use crate::timeline::Timeline;
 
+mod recovery;
+
 pub use storage::manifest::TrackSource;
 
 /// What all recordings of one process share.
@@ -39,8 +41,13 @@ pub struct Env {
     pub catalog: Catalog,
     pub spool: Spool,
     uploads: Option<UploadQueue>,
+    /// Uploads a previous run left in the spool, queued again at open, by object key: recovery
+    /// takes the ones of the recordings it finishes and waits for them.
+    resumed: std::sync::Mutex<BTreeMap<String, UploadReceiver>>,
     _spool_lock: storage::SpoolLock,
 }
+
+type UploadReceiver = oneshot::Receiver<storage::Result<UploadReport>>;
 
 impl Env {
     /// Everything: store, spool, catalog (migrated), and the upload queue, which first picks up
@@ -61,11 +68,25 @@ impl Env {
             .with_context(|| format!("opening the catalog at {}", redact_url(&config.catalog_url())))?;
         let uploader = Uploader::new(store.clone(), spool.clone(), config.upload.clone())?;
         let uploads = UploadQueue::start(uploader);
-        let resumed = uploads.resume_from_spool().await?;
-        if resumed > 0 {
-            info!(resumed, "queued uploads left in the spool by a previous run");
+        let resumed: BTreeMap<String, UploadReceiver> =
+            uploads.resume_from_spool().await?.into_iter().map(|(p, rx)| (p.key, rx)).collect();
+        if !resumed.is_empty() {
+            info!(resumed = resumed.len(), "queued uploads left in the spool by a previous run");
         }
-        Ok(Self { config: config.clone(), store, catalog, spool, uploads: Some(uploads), _spool_lock: spool_lock })
+        Ok(Self {
+            config: config.clone(),
+            store,
+            catalog,
+            spool,
+            uploads: Some(uploads),
+            resumed: std::sync::Mutex::new(resumed),
+            _spool_lock: spool_lock,
+        })
+    }
+
+    /// The outcome of an upload queued again at open, once.
+    fn take_resumed(&self, key: &str) -> Option<UploadReceiver> {
+        self.resumed.lock().unwrap_or_else(|e| e.into_inner()).remove(key)
     }
 
     fn uploads(&self) -> &UploadQueue {
@@ -182,7 +203,7 @@ pub struct Recording {
     participants: BTreeMap<String, (ParticipantInfo, Vec<storage::ParticipantId>)>,
     tracks: BTreeMap<String, TrackState>,
     timeline: Timeline,
-    pending_uploads: Vec<(ObjectPath, PathBuf, oneshot::Receiver<storage::Result<UploadReport>>)>,
+    pending_uploads: Vec<(ObjectPath, PathBuf, UploadReceiver)>,
     last_us: i64,
     manifest: Manifest,
     /// Users who asked not to be recorded: every participant of theirs is left out.
@@ -274,6 +295,7 @@ impl Recording {
             .catalog
             .add_participant(
                 &self.id,
+                &p.id,
                 &storage::UserId::new(p.user_id.as_str()),
                 p.device_id.as_deref().map(storage::DeviceId::new).as_ref(),
                 Some(&p.display_name),
@@ -783,7 +805,7 @@ async fn await_upload(
     recording: &RecordingId,
     key: &ObjectPath,
     local: &Path,
-    rx: oneshot::Receiver<storage::Result<UploadReport>>,
+    rx: UploadReceiver,
 ) -> Result<UploadReport> {
     let outcome = rx.await.map_err(|_| anyhow!("the upload queue stopped before {key} was stored"))?;
     let mut row = storage::catalog::Upload {
