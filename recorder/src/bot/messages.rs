@@ -252,3 +252,15 @@ mod tests {
         assert_eq!(seconds(3_720_000_000), "1 h 02 min");
     }
 }
+
+/// Appended to the notice of a recording that a restart finished: it ends where the stop cut it.
+pub fn add_recovered_note(n: &mut Notice, stored_until_ms: i64) {
+    let at = hhmm(stored_until_ms);
+    n.plain.push_str(&format!(
+        "\nThe recorder stopped unexpectedly during this recording; it was finished after the restart and holds the call up to {at}."
+    ));
+    n.html.push_str(&format!(
+        "<p>The recorder stopped unexpectedly during this recording; it was finished after the restart and holds the call up to {}.</p>",
+        escape(&at)
+    ));
+}

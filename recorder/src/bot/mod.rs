@@ -20,6 +20,7 @@ pub mod commands;
 pub mod control;
 pub mod messages;
 pub mod outbox;
+mod recover;
 pub mod rooms;
 pub mod rtc;
 pub mod runtime;
@@ -237,18 +238,22 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         let span = info_span!("invite", room = %room.room_id(), inviter = %inviter);
         answer_invite(room, inviter.as_str(), &allowlist, &ctx.limits).instrument(span).await;
     }
+    // Recordings a previous run left unfinished: their rooms' state is set right before the call
+    // state is read (a MatrixRTC call still running is recorded again), then they are finished.
+    let mut recovery_outboxes = outbox::Outboxes::new(client.clone());
+    let unfinished = recover::prepare(&ctx, &mut recovery_outboxes, &rtc_tx).await;
     // Calls already running in the bot's rooms, from the state the first sync stored.
     for room in client.joined_rooms() {
         feed_call_state(&ctx, &room, &rtc_tx).await;
     }
+    let recovery = recover::finish_all(ctx.clone(), recovery_outboxes, unfinished);
     println!("bot: {} device {}", ctx.user_id, ctx.device_id);
     info!(user = %ctx.user_id, device = %ctx.device_id, "bot ready");
 
     let sync_client = client.clone();
     let mut sync = tokio::spawn(async move {
-        // `sync` retries on its own after network errors; it only returns on a fatal one.
         let settings = SyncSettings::default().token(first.next_batch).timeout(Duration::from_secs(30));
-        sync_client.sync(settings).await
+        keep_syncing(sync_client, settings).await
     });
     let mut stop = stop_rx.clone();
     tokio::select! {
@@ -272,6 +277,12 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     if let Some(c) = control {
         c.abort();
     }
+    // A recovery still running may finish; one cut short is taken up again at the next start.
+    match tokio::time::timeout(RECOVERY_AT_SHUTDOWN, recovery).await {
+        Ok(Err(e)) => warn!(error = %e, "the recovery task ended abnormally"),
+        Err(_) => warn!("the recovery of a recording left by an earlier run is still running; the next start takes it up again"),
+        Ok(Ok(())) => {}
+    }
     drop(ctx);
     match http_task.await {
         Ok(Err(e)) => warn!(error = %e, "the HTTP server failed"),
@@ -283,6 +294,43 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
         Err(_) => warn!("recordings still hold the environment; pending uploads resume at the next start"),
     }
     Ok(())
+}
+
+/// How long a shutdown waits for a running recovery (a long composite, a homeserver away).
+const RECOVERY_AT_SHUTDOWN: Duration = Duration::from_secs(600);
+
+/// Syncs until the homeserver rejects the session. matrix-sdk's `sync` returns on the first
+/// failed request, and a request that gets no answer at all (the homeserver restarting, the
+/// network down) is not retried by its HTTP layer: here such failures are logged and the sync goes
+/// on with a back-off up to 30 s, so calls keep being recorded (their media does not pass the
+/// homeserver) and the bot catches up once it is back. Only an answered 401 (the access token is
+/// gone) ends it.
+async fn keep_syncing(client: Client, settings: SyncSettings) -> matrix_sdk::Result<()> {
+    let failures = std::sync::atomic::AtomicU32::new(0);
+    client
+        .sync_with_result_callback(settings, |result| {
+            let failures = &failures;
+            async move {
+                let Err(e) = result else {
+                    let n = failures.swap(0, std::sync::atomic::Ordering::Relaxed);
+                    if n > 0 {
+                        info!(failed_syncs = n, "the homeserver answers again");
+                    }
+                    return Ok(matrix_sdk::LoopCtrl::Continue);
+                };
+                if e.as_client_api_error().is_some_and(|api| api.status_code.as_u16() == 401) {
+                    return Err(e);
+                }
+                let n = failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                let wait = Duration::from_millis(500u64.saturating_mul(1 << n.min(6))).min(Duration::from_secs(30));
+                if n == 1 || n.is_power_of_two() {
+                    warn!(error = %e, failed_syncs = n, retry_in_ms = wait.as_millis() as u64, "syncing with the homeserver failed; retrying");
+                }
+                tokio::time::sleep(wait).await;
+                Ok(matrix_sdk::LoopCtrl::Continue)
+            }
+        })
+        .await
 }
 
 /// Room membership as the bot's own Matrix session sees it (members-only links).

@@ -19,8 +19,13 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use super::messages::Notice;
 
-/// Attempts per message (the first send and its retries).
+/// Attempts per message the homeserver refuses (the first send and its retries).
 const ATTEMPTS: u32 = 4;
+/// How long a message waits for a homeserver that does not answer (restarting, unreachable).
+const UNREACHABLE_FOR: Duration = Duration::from_secs(15 * 60);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a shutdown waits for queued messages.
+pub const FLUSH_AT_SHUTDOWN: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub enum Outgoing {
@@ -66,6 +71,18 @@ impl Outboxes {
         self.rooms.clear();
         while self.tasks.join_next().await.is_some() {}
     }
+
+    /// [`Outboxes::flush`] for a shutdown: waits at most `within`, as a homeserver that is away
+    /// must not hold the process for the quarter of an hour a message would otherwise wait for
+    /// it; what is left is logged and dropped.
+    pub async fn flush_within(mut self, within: Duration) {
+        self.rooms.clear();
+        let drained = tokio::time::timeout(within, async { while self.tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(rooms = self.tasks.len(), "the homeserver did not take every queued message in time; dropping the rest");
+            self.tasks.abort_all();
+        }
+    }
 }
 
 async fn drain(client: Client, room_id: OwnedRoomId, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
@@ -76,7 +93,9 @@ async fn drain(client: Client, room_id: OwnedRoomId, mut rx: mpsc::UnboundedRece
         };
         let txn = TransactionId::new();
         let mut backoff = Duration::from_millis(500);
-        for attempt in 1..=ATTEMPTS {
+        let mut refused = 0;
+        let since = tokio::time::Instant::now();
+        loop {
             let sent = match &msg {
                 Outgoing::Event { event_type, content } => room
                     .send_raw(event_type, content.clone())
@@ -92,18 +111,26 @@ async fn drain(client: Client, room_id: OwnedRoomId, mut rx: mpsc::UnboundedRece
                     room.send_state_event_raw(event_type, state_key, content.clone()).await.map(|r| r.event_id)
                 }
             };
-            match sent {
+            let e = match sent {
                 Ok(event_id) => {
                     debug!(%event_id, kind = kind(&msg), "sent");
                     break;
                 }
-                Err(e) if attempt < ATTEMPTS => {
-                    warn!(error = %e, attempt, kind = kind(&msg), "sending failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-                Err(e) => warn!(error = %e, kind = kind(&msg), "sending failed; giving up on this message"),
+                Err(e) => e,
+            };
+            // The homeserver answered no (a refusal, a rate limit): a few tries. It did not answer
+            // at all (restarting, unreachable): keep the message until it is back.
+            let answered = e.as_client_api_error().is_some();
+            if answered {
+                refused += 1;
             }
+            if refused >= ATTEMPTS || since.elapsed() >= UNREACHABLE_FOR {
+                warn!(error = %e, kind = kind(&msg), "sending failed; giving up on this message");
+                break;
+            }
+            warn!(error = %e, answered, retry_in_ms = backoff.as_millis() as u64, kind = kind(&msg), "sending failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

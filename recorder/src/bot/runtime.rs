@@ -105,7 +105,7 @@ impl Runtime {
             }
         }
         while self.running.join_next().await.is_some() {}
-        self.outboxes.flush().await;
+        self.outboxes.flush_within(crate::bot::outbox::FLUSH_AT_SHUTDOWN).await;
     }
 
     fn carry_out(&mut self) {
