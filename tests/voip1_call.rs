@@ -14,10 +14,18 @@
 //!   in an encrypted room, relaying SDP between the bot and `tests/peers/aiortc_sender.py`. Before
 //!   the call it sends malformed call events (bad SDP, an invite for someone else, a flood of
 //!   candidates, a hangup for an unknown call); the bot must refuse them and stay up.
+//! - `room_commands_steer_a_call_and_links_are_members_only`: `!rec` pause/resume/stop, the
+//!   `org.mxrec.recording` state and members-only links.
+//! - `a_call_cut_by_sigkill_is_recovered_at_restart`: mxrec is SIGKILLed 6 s into a 12 s call and
+//!   started again; it finishes the recording from the catalog and the spool (open segments
+//!   salvaged) and posts the links, marked as recovered.
+//! - `the_store_away_for_a_minute_twice_loses_nothing`: Garage is stopped for 60 s from 3 s into
+//!   the call and again during the finalize; the uploads are retried (and counted in /metrics)
+//!   and the recording arrives whole, every segment matching its manifest's SHA-256.
 //!
 //! Needs `MXREC_TEST_HOMESERVER`/`MXREC_TEST_SYNAPSE_SECRET` (deploy/dev/synapse.sh env) and the
 //! S3 env of deploy/dev/garage.sh; `make test` (deploy/dev/test.sh) provides both. The two tests
-//! take turns (A/V timing on two cores).
+//! take turns (A/V timing on two cores, and one of them stops the shared Garage).
 
 #![recursion_limit = "256"]
 
@@ -969,6 +977,214 @@ async fn room_commands_steer_a_call_and_links_are_members_only() {
         assert!(audit.iter().any(|(a, x)| a == actor && x == action), "audit has {action} by {actor}");
     }
     assert!(audit.iter().any(|(_, x)| x.starts_with("link.")), "link events are audited");
+}
+
+// -------------------------------------------------------------------------------------------------
+// Test 4: mxrec is SIGKILLed mid-call; started again, it finishes the recording from what was
+// stored and posts the links, marked as recovered.
+
+/// Segment length the recovery test states its bound in.
+const SEGMENT_S: f64 = 2.0;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_by_sigkill_is_recovered_at_restart() {
+    let Some((hs, s3)) = servers("voip1_call::a_call_cut_by_sigkill_is_recovered_at_restart") else { return };
+    let _turn = serial();
+    let mut s = setup(&hs, &s3).await;
+    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
+    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let room_id = room.room_id().to_string();
+    let bot = s.bot.clone();
+    let from_bot = |e: &Seen| e.sender() == bot;
+    let joined = inbox
+        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
+            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
+        })
+        .await;
+    assert!(joined.is_some(), "the bot joined the DM within 60 s");
+
+    // A 12 s call, killed 6 s after the answer.
+    let call_id = format!("killed-{}", s.suffix);
+    let (mut aiortc, invite_ts, answer) = place_call(&s, &caller, &room, &mut inbox, &call_id, 12.0).await;
+    wait_state(&hs, &caller.token, &room_id, "active", |v| v["active"] == true).await;
+    tokio::time::sleep_until(Instant::now() + Duration::from_millis((answer.ts() + 6000 - now_ms()).max(0) as u64)).await;
+    let status = s.mxrec.kill();
+    let killed_at = now_ms();
+    eprintln!("mxrec SIGKILLed {} ms after the answer ({status})", killed_at - answer.ts());
+    let _ = aiortc.child.start_kill();
+    let spool = s.dir.path().join("data/spool");
+    let left: Vec<String> = files_under(&spool).iter().map(|p| p.display().to_string()).collect();
+    eprintln!("the spool after the kill: {left:#?}");
+    assert!(left.iter().any(|p| p.ends_with(".partial")), "the kill left open segments behind: {left:?}");
+
+    // The same config again: the recording is finished and announced.
+    let config = s.dir.path().join("mxrec.toml");
+    s.mxrec = MxrecRun::start(s.dir.path(), &config);
+    s.mxrec.wait_line("bot:", BOT_READY_TIMEOUT).await;
+    let links = inbox
+        .wait_for(Instant::now() + Duration::from_millis(LINKS_WITHIN_MS as u64), |e| {
+            from_bot(e) && e.ts() >= invite_ts && (e.body().starts_with("Recording saved:") || e.body().starts_with("Recording failed:"))
+        })
+        .await
+        .expect("a links notice after the restart");
+    eprintln!("links notice {} ms after the kill:\n{}", links.ts() - killed_at, links.body());
+    assert!(links.body().starts_with("Recording saved:"), "{}", links.body());
+    assert!(links.body().contains("stopped unexpectedly"), "the notice says the recording was cut: {}", links.body());
+    let notice = LinksNotice::parse(links.body());
+    assert!(notice.tracks.len() >= 2, "a link per track: {:?}", notice.tracks);
+    wait_state(&hs, &caller.token, &room_id, "inactive", |v| v["active"] == false).await;
+
+    // The manifest: marked recovered; every track holds at least the first 2 segments' worth of
+    // media, from its start and without holes; every segment in the bucket matches it.
+    let m = load_manifest(&s3, &s.prefix, &room_id, &notice.recording_id).await;
+    let recovered = m.recovered.as_ref().expect("the manifest says the recording was recovered");
+    eprintln!("recovered at {}, {} open segment(s) salvaged", recovered.at, recovered.salvaged_segments);
+    let store = s3_store(&s3, &s.prefix);
+    for t in &m.tracks {
+        let first = t.segments.first().unwrap_or_else(|| panic!("track {} has no segment", t.id));
+        let mut covered_to = first.start_us;
+        for seg in &t.segments {
+            assert!(seg.start_us <= covered_to + 100_000, "track {}: a hole before segment {} at {} µs", t.id, seg.index, seg.start_us);
+            covered_to = covered_to.max(seg.end_us);
+            let key = object_store::path::Path::from(seg.key.as_str());
+            let bytes = object_store::ObjectStoreExt::get(store.as_ref(), &key).await.unwrap_or_else(|e| panic!("segment {}: {e}", seg.key)).bytes().await.unwrap();
+            assert_eq!(sha256_hex(&bytes), seg.sha256, "segment {} matches the manifest", seg.key);
+        }
+        let held_s = (covered_to - first.start_us) as f64 / 1e6;
+        eprintln!("track {} ({}): {} segments, {held_s:.2} s from {:.2} s", t.id, t.kind.as_str(), t.segments.len(), first.start_us as f64 / 1e6);
+        assert!(held_s >= 2.0 * SEGMENT_S, "track {} holds {held_s:.2} s, not the first {} s", t.id, 2.0 * SEGMENT_S);
+    }
+    // The composite the link serves holds it too.
+    let (composite, _) = fetch_link(&reqwest::Client::new(), &notice.composite_url).await;
+    let work = s.dir.path().join("verify");
+    std::fs::create_dir_all(&work).unwrap();
+    let path = work.join("composite.mp4");
+    std::fs::write(&path, &composite).unwrap();
+    let duration: f64 = ffprobe(&path)["format"]["duration"].as_str().and_then(|d| d.parse().ok()).unwrap_or(0.0);
+    eprintln!("composite: {duration:.2} s");
+    assert!(duration >= 2.0 * SEGMENT_S, "the composite lasts {duration:.2} s");
+    assert!(decode_errors(&path).is_empty(), "the composite decodes: {}", decode_errors(&path));
+    assert!(s.mxrec.log_lines_with("recovering a recording left unfinished").len() == 1, "one recovery in the log");
+
+    s.mxrec.assert_running("the recovery");
+    drop(caller);
+    let status = s.mxrec.stop(Duration::from_secs(30));
+    assert!(status.success(), "mxrec exits 0 on SIGTERM, not {status}");
+    let db = format!("sqlite://{}", s.dir.path().join("data/mxrec.db").display());
+    let catalog = storage::Catalog::connect(&db).await.unwrap();
+    let rec = catalog.get_recording(&storage::RecordingId::new(notice.recording_id.as_str())).await.unwrap().unwrap();
+    assert_eq!(rec.state, storage::RecordingState::Uploaded, "the catalog has it stored");
+    assert!(catalog.unfinished_recordings().await.unwrap().is_empty(), "nothing is left unfinished");
+    let audit: Vec<String> = catalog.audit_events(&rec.id).await.unwrap().into_iter().map(|e| e.action).collect();
+    assert!(audit.iter().any(|a| a == "recording.recovered"), "the recovery is audited: {audit:?}");
+}
+
+// -------------------------------------------------------------------------------------------------
+// Test 5: the S3 server is stopped for 60 s during the call and again during the finalize.
+
+/// Runs `deploy/dev/garage.sh <what>` (the Garage every test of this run uses; the voip1 tests
+/// take turns, and the other suites run in other test binaries, one after the other).
+fn garage(what: &str) {
+    let status = std::process::Command::new("bash")
+        .arg(repo_root().join("deploy/dev/garage.sh"))
+        .arg(what)
+        .status()
+        .unwrap_or_else(|e| panic!("garage.sh {what}: {e}"));
+    assert!(status.success(), "garage.sh {what}: {status}");
+}
+
+/// A counter of the bot's /metrics (summed over its labels), 0 when absent.
+async fn metric(http_base: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{http_base}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Stopped S3 for this long, twice.
+const OUTAGE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_away_for_a_minute_twice_loses_nothing() {
+    let Some((hs, s3)) = servers("voip1_call::the_store_away_for_a_minute_twice_loses_nothing") else { return };
+    let _turn = serial();
+    let mut s = setup(&hs, &s3).await;
+    // However this test ends, the other tests get their store back.
+    struct Restart;
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            let script = repo_root().join("deploy/dev/garage.sh");
+            let _ = std::process::Command::new("bash").arg(script).arg("start").status();
+        }
+    }
+    let _restart = Restart;
+    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
+    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let room_id = room.room_id().to_string();
+    let bot = s.bot.clone();
+    let from_bot = |e: &Seen| e.sender() == bot;
+    let joined = inbox
+        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
+            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
+        })
+        .await;
+    assert!(joined.is_some(), "the bot joined the DM within 60 s");
+    let retries_before = metric(&s.http_base, "mxrec_upload_retries_total").await;
+
+    // Outage 1: from 3 s into the call until well after it ended.
+    let call_id = format!("outage-{}", s.suffix);
+    let (mut aiortc, invite_ts, answer) = place_call(&s, &caller, &room, &mut inbox, &call_id, CALL_SECONDS).await;
+    tokio::time::sleep_until(Instant::now() + Duration::from_millis((answer.ts() + 3000 - now_ms()).max(0) as u64)).await;
+    garage("stop");
+    let stopped = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(CALL_SECONDS as u64 + 60), aiortc.child.wait())
+        .await
+        .expect("aiortc finished sending")
+        .unwrap();
+    assert!(status.success(), "aiortc sender failed ({status})");
+    let hangup_id = caller.send_call(&room, "m.call.hangup", json!({"call_id": call_id, "reason": "user_hangup"})).await;
+    let hangup_ts = inbox
+        .wait_for(Instant::now() + Duration::from_secs(20), |e| e.event_id() == hangup_id)
+        .await
+        .expect("our hangup comes back in the sync")
+        .ts();
+    tokio::time::sleep_until(stopped + OUTAGE).await;
+    let retries_1 = metric(&s.http_base, "mxrec_upload_retries_total").await - retries_before;
+    eprintln!("store away {:?} from 3 s into the call; upload retries meanwhile: {retries_1}", stopped.elapsed());
+    garage("start");
+
+    // Outage 2: from the finalize's first joined track (the segments are stored by then).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while s.mxrec.log_lines_with("track joined").is_empty() {
+        assert!(Instant::now() < deadline, "the finalize never joined a track");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    garage("stop");
+    let stopped = Instant::now();
+    tokio::time::sleep_until(stopped + OUTAGE).await;
+    let retries_2 = metric(&s.http_base, "mxrec_upload_retries_total").await - retries_before - retries_1;
+    eprintln!("store away {:?} during the finalize; upload retries meanwhile: {retries_2}", stopped.elapsed());
+    garage("start");
+    assert!(retries_1 >= 1.0 && retries_2 >= 1.0, "the retries show in the metrics: {retries_1} and {retries_2}");
+
+    // Everything arrives: the links, and a recording whose every object matches its manifest.
+    let failed = |e: &Seen| from_bot(e) && e.ty() == "m.room.message" && e.body().starts_with("Recording failed:");
+    let recording = inbox
+        .wait_for(Instant::now() + Duration::from_secs(5), |e| {
+            from_bot(e) && e.ts() >= invite_ts && e.body().starts_with("This call is being recorded by ")
+        })
+        .await;
+    let links = inbox
+        .wait_for(Instant::now() + Duration::from_millis(LINKS_WITHIN_MS as u64), |e| {
+            from_bot(e) && e.ts() >= invite_ts && (e.body().starts_with("Recording saved:") || failed(e))
+        })
+        .await;
+    verify_notices_and_recording(&s, &s3, &room_id, hangup_ts, recording.map(|e| e.notice()), links.map(|e| e.notice()))
+        .await;
+    let failures = metric(&s.http_base, "mxrec_uploads_failed_total").await;
+    assert_eq!(failures, 0.0, "no upload gave up");
+    s.mxrec.assert_running("the outages");
 }
 
 #[test]

@@ -545,7 +545,8 @@ impl MxrecRun {
         use std::io::BufRead;
         use std::process::Stdio;
         let stderr_path = cwd.join("mxrec.stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        // Appended to: a restart in the same directory keeps the log of the run before.
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path).unwrap();
         let log = std::env::var("MXREC_TEST_RUST_LOG").unwrap_or_else(|_| {
             "info,matrix_sdk=warn,matrix_sdk_base=warn,matrix_sdk_crypto=error,matrix_sdk_sqlite=warn,\
              webrtc=warn,rtc=warn,sqlx=warn"
@@ -641,6 +642,14 @@ impl MxrecRun {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         let _ = writeln_stderr(&format!("mxrec (pid {}) ignored SIGTERM for {grace:?}: SIGKILL", self.child.id()));
+        let _ = self.child.kill();
+        self.child.wait().unwrap()
+    }
+}
+
+impl MxrecRun {
+    /// SIGKILL, as a crash or an OOM kill would end it: no cleanup runs. Returns the status.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
         let _ = self.child.kill();
         self.child.wait().unwrap()
     }
@@ -759,13 +768,6 @@ pub fn s3_store(s3: &S3, prefix: &str) -> std::sync::Arc<dyn object_store::Objec
     storage::build_store(&s3.store_config(prefix)).unwrap()
 }
 
-/// Everything after the links notice of a recorded 1:1 call, checked as a user and an auditor
-/// would: the composite link serves an MP4 that [`check_call_composite`] accepts; every track
-/// link serves a file that decodes; the manifest (from the bucket, where the bot's
-/// `storage::ObjectKeys` put it) has `caller` as a participant, an audio and a video track;
-/// every segment in the bucket has the manifest's size and SHA-256; the composite the link served
-/// is the manifest's output byte for byte, and a track link that serves a stored object serves it
-/// byte for byte.
 /// A recording's manifest from the bucket, waiting up to 15 s for the upload to become visible.
 pub async fn load_manifest(s3: &S3, prefix: &str, room_id: &str, recording_id: &str) -> storage::Manifest {
     let store = s3_store(s3, prefix);
@@ -789,6 +791,13 @@ pub async fn load_manifest(s3: &S3, prefix: &str, room_id: &str, recording_id: &
     }
 }
 
+/// Everything after the links notice of a recorded 1:1 call, checked as a user and an auditor
+/// would: the composite link serves an MP4 that [`check_call_composite`] accepts; every track
+/// link serves a file that decodes; the manifest (from the bucket, where the bot's
+/// `storage::ObjectKeys` put it) has `caller` as a participant, an audio and a video track;
+/// every segment in the bucket has the manifest's size and SHA-256; the composite the link served
+/// is the manifest's output byte for byte, and a track link that serves a stored object serves it
+/// byte for byte.
 pub async fn verify_call_recording(
     dir: &Path,
     s3: &S3,

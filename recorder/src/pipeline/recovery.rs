@@ -137,12 +137,16 @@ impl Recording {
                     }
                 };
                 let key = keys.segment(&t.id, index, &ext);
+                // The container counts in milliseconds: the salvaged start may fall a fraction of
+                // one before the previous segment's end (kept in µs).
+                let prev_end = segments.last().map_or(0, |(p, _): &(SegmentInfo, _)| p.end_us);
+                let start_us = s.start_us.max(prev_end);
                 let seg = Segment {
                     recording_id: id.clone(),
                     track_id: t.id.clone(),
                     index,
-                    start_us: s.start_us,
-                    end_us: s.end_us,
+                    start_us,
+                    end_us: s.end_us.max(start_us),
                     bytes: s.bytes,
                     sha256: s.sha256.clone(),
                     object_key: key.to_string(),
@@ -151,7 +155,7 @@ impl Recording {
                 env.catalog.add_segment(&seg).await?;
                 let _ = std::fs::remove_file(&partial);
                 span.in_scope(|| {
-                    info!(track = %track_id, index, start_us = s.start_us, end_us = s.end_us, frames = s.packets, "open segment salvaged")
+                    info!(track = %track_id, index, start_us, end_us = seg.end_us, frames = s.packets, "open segment salvaged")
                 });
                 salvaged_segments += 1;
                 pending_uploads.push((key.clone(), out.clone(), rx));
