@@ -22,6 +22,9 @@
 //! - `the_store_away_for_a_minute_twice_loses_nothing`: Garage is stopped for 60 s from 3 s into
 //!   the call and again during the finalize; the uploads are retried (and counted in /metrics)
 //!   and the recording arrives whole, every segment matching its manifest's SHA-256.
+//! - `a_homeserver_restart_mid_call_loses_nothing`: Synapse is stopped from 3 s into the call for
+//!   20 s; the media (peer to peer) is recorded whole, the bot keeps syncing and posts the links
+//!   after the hangup that follows its return.
 //!
 //! Needs `MXREC_TEST_HOMESERVER`/`MXREC_TEST_SYNAPSE_SECRET` (deploy/dev/synapse.sh env) and the
 //! S3 env of deploy/dev/garage.sh; `make test` (deploy/dev/test.sh) provides both. The two tests
@@ -420,10 +423,19 @@ impl Caller {
         let syncing = client.clone();
         let sync = tokio::spawn(async move {
             let settings = SyncSettings::default().timeout(Duration::from_millis(1000));
+            // Failed syncs (the homeserver restarting in one test) are retried, as a client does.
             let result = syncing
-                .sync_with_callback(settings, move |response| {
+                .sync_with_result_callback(settings, move |response| {
                     let tx = tx.clone();
                     async move {
+                        let response = match response {
+                            Ok(r) => r,
+                            Err(e) => {
+                                eprintln!("the caller's sync failed ({e}); retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                return Ok(LoopCtrl::Continue);
+                            }
+                        };
                         for (room_id, update) in &response.rooms.joined {
                             for ev in &update.timeline.events {
                                 let event: Value = serde_json::from_str(ev.raw().json().get()).unwrap_or(Value::Null);
@@ -433,11 +445,11 @@ impl Caller {
                                     encrypted: ev.encryption_info().is_some(),
                                 };
                                 if tx.send(seen).is_err() {
-                                    return LoopCtrl::Break;
+                                    return Ok(LoopCtrl::Break);
                                 }
                             }
                         }
-                        LoopCtrl::Continue
+                        Ok(LoopCtrl::Continue)
                     }
                 })
                 .await;
@@ -1185,6 +1197,90 @@ async fn the_store_away_for_a_minute_twice_loses_nothing() {
     let failures = metric(&s.http_base, "mxrec_uploads_failed_total").await;
     assert_eq!(failures, 0.0, "no upload gave up");
     s.mxrec.assert_running("the outages");
+}
+
+// -------------------------------------------------------------------------------------------------
+// Test 6: the homeserver is stopped mid-call and started again.
+
+/// Runs `deploy/dev/synapse.sh <what>` (the Synapse of this run; see [`garage`] for why that is
+/// safe here).
+fn synapse_sh(what: &str) {
+    let status = std::process::Command::new("bash")
+        .arg(repo_root().join("deploy/dev/synapse.sh"))
+        .arg(what)
+        .status()
+        .unwrap_or_else(|e| panic!("synapse.sh {what}: {e}"));
+    assert!(status.success(), "synapse.sh {what}: {status}");
+}
+
+/// The homeserver is away this long, from 3 s into the call until after the media ended.
+const HOMESERVER_AWAY: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_homeserver_restart_mid_call_loses_nothing() {
+    let Some((hs, s3)) = servers("voip1_call::a_homeserver_restart_mid_call_loses_nothing") else { return };
+    let _turn = serial();
+    let mut s = setup(&hs, &s3).await;
+    struct Restart;
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            let script = repo_root().join("deploy/dev/synapse.sh");
+            let _ = std::process::Command::new("bash").arg(script).arg("start").status();
+        }
+    }
+    let _restart = Restart;
+    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
+    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let room_id = room.room_id().to_string();
+    let bot = s.bot.clone();
+    let from_bot = |e: &Seen| e.sender() == bot;
+    let joined = inbox
+        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
+            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
+        })
+        .await;
+    assert!(joined.is_some(), "the bot joined the DM within 60 s");
+
+    let call_id = format!("hs-restart-{}", s.suffix);
+    let (mut aiortc, invite_ts, answer) = place_call(&s, &caller, &room, &mut inbox, &call_id, CALL_SECONDS).await;
+    tokio::time::sleep_until(Instant::now() + Duration::from_millis((answer.ts() + 3000 - now_ms()).max(0) as u64)).await;
+    synapse_sh("stop");
+    let stopped = Instant::now();
+    // The media does not pass the homeserver: the whole call is sent while it is away.
+    let status = tokio::time::timeout(Duration::from_secs(CALL_SECONDS as u64 + 60), aiortc.child.wait())
+        .await
+        .expect("aiortc finished sending")
+        .unwrap();
+    assert!(status.success(), "aiortc sender failed ({status})");
+    tokio::time::sleep_until(stopped + HOMESERVER_AWAY).await;
+    s.mxrec.assert_running("the homeserver went away");
+    synapse_sh("start");
+    eprintln!("homeserver away for {:?}", stopped.elapsed());
+
+    let hangup_id = caller.send_call(&room, "m.call.hangup", json!({"call_id": call_id, "reason": "user_hangup"})).await;
+    let hangup_ts = inbox
+        .wait_for(Instant::now() + Duration::from_secs(60), |e| e.event_id() == hangup_id)
+        .await
+        .expect("our hangup comes back in the sync")
+        .ts();
+    let failed = |e: &Seen| from_bot(e) && e.ty() == "m.room.message" && e.body().starts_with("Recording failed:");
+    let recording = inbox
+        .wait_for(Instant::now() + Duration::from_secs(5), |e| {
+            from_bot(e) && e.ts() >= invite_ts && e.body().starts_with("This call is being recorded by ")
+        })
+        .await;
+    let links = inbox
+        .wait_for(Instant::now() + Duration::from_millis(LINKS_WITHIN_MS as u64), |e| {
+            from_bot(e) && e.ts() >= invite_ts && (e.body().starts_with("Recording saved:") || failed(e))
+        })
+        .await;
+    verify_notices_and_recording(&s, &s3, &room_id, hangup_ts, recording.map(|e| e.notice()), links.map(|e| e.notice()))
+        .await;
+    let retried = s.mxrec.log_lines_with("syncing with the homeserver failed; retrying");
+    let back = s.mxrec.log_lines_with("the homeserver answers again");
+    eprintln!("bot: {} sync-failure line(s), {} back line(s)", retried.len(), back.len());
+    assert!(!retried.is_empty() && !back.is_empty(), "the bot saw the homeserver go and come back");
+    s.mxrec.assert_running("the homeserver came back");
 }
 
 #[test]
