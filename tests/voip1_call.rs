@@ -501,6 +501,58 @@ impl Caller {
     }
 }
 
+/// The caller logged in, in an encrypted DM with the bot, which has joined it.
+async fn dm_with_bot(hs: &Synapse, s: &Setup) -> (Caller, Room, Inbox) {
+    let mut caller = Caller::login(hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
+    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let bot = s.bot.as_str();
+    let joined = inbox
+        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
+            e.ty() == "m.room.member" && e.event["state_key"] == bot && e.content()["membership"] == "join"
+        })
+        .await;
+    assert!(joined.is_some(), "the bot joined the DM within 60 s");
+    (caller, room, inbox)
+}
+
+/// The bot's "being recorded" notice (within 5 s, it comes early) and its links notice (saved or
+/// failed, within [`LINKS_WITHIN_MS`]) of the call invited at `invite_ts`.
+async fn bot_notices(inbox: &mut Inbox, bot: &str, invite_ts: i64) -> (Option<Seen>, Option<Seen>) {
+    let from_bot = |e: &Seen| e.sender() == bot && e.ts() >= invite_ts && e.ty() == "m.room.message";
+    let recording = inbox
+        .wait_for(Instant::now() + Duration::from_secs(5), |e| {
+            from_bot(e) && e.body().starts_with("This call is being recorded by ")
+        })
+        .await;
+    let links = inbox
+        .wait_for(Instant::now() + Duration::from_millis(LINKS_WITHIN_MS as u64), |e| {
+            from_bot(e) && (e.body().starts_with("Recording saved:") || e.body().starts_with("Recording failed:"))
+        })
+        .await;
+    (recording, links)
+}
+
+/// Runs `deploy/dev/<server>.sh <what>` on the servers of this run (Garage, Synapse): the voip1
+/// tests take turns, and the other suites run in other test binaries, one after the other.
+fn dev_server(server: &str, what: &str) {
+    let status = std::process::Command::new("bash")
+        .arg(repo_root().join(format!("deploy/dev/{server}.sh")))
+        .arg(what)
+        .status()
+        .unwrap_or_else(|e| panic!("{server}.sh {what}: {e}"));
+    assert!(status.success(), "{server}.sh {what}: {status}");
+}
+
+/// Starts the server again when dropped, however the test ends, so the next tests have it.
+struct StartsAgain(&'static str);
+
+impl Drop for StartsAgain {
+    fn drop(&mut self) {
+        let script = repo_root().join(format!("deploy/dev/{}.sh", self.0));
+        let _ = std::process::Command::new("bash").arg(script).arg("start").status();
+    }
+}
+
 /// aiortc_sender.py, started: its offer has been read.
 struct Aiortc {
     child: tokio::process::Child,
@@ -598,17 +650,10 @@ async fn encrypted_room_call_and_malformed_input() {
     let Some((hs, s3)) = servers("voip1_call::encrypted_room_call_and_malformed_input") else { return };
     let _turn = serial();
     let mut s = setup(&hs, &s3).await;
-    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
-    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let (caller, room, mut inbox) = dm_with_bot(&hs, &s).await;
     let room_id = room.room_id().to_string();
     eprintln!("encrypted DM {room_id}; caller device (party id) {}", caller.party_id);
     let bot = s.bot.clone();
-    let joined = inbox
-        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
-            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
-        })
-        .await;
-    assert!(joined.is_some(), "the bot joined the DM within 60 s");
     let from_bot = |e: &Seen| e.sender() == bot;
 
     // 1. An invite whose SDP is not SDP: refused with m.call.reject (or hangup), with a reason.
@@ -835,16 +880,9 @@ async fn room_commands_steer_a_call_and_links_are_members_only() {
     let _turn = serial();
     let extra = format!("[http.openid_homeservers]\nlocalhost = \"{}\"\n", hs.homeserver);
     let mut s = setup_with(&hs, &s3, &extra).await;
-    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
-    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let (caller, room, mut inbox) = dm_with_bot(&hs, &s).await;
     let room_id = room.room_id().to_string();
     let bot = s.bot.clone();
-    let joined = inbox
-        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
-            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
-        })
-        .await;
-    assert!(joined.is_some(), "the bot joined the DM within 60 s");
     room.send_state_event_raw("org.mxrec.config", "", json!({"members_only_links": true}))
         .await
         .expect("the caller sets org.mxrec.config");
@@ -1003,17 +1041,10 @@ async fn a_call_cut_by_sigkill_is_recovered_at_restart() {
     let Some((hs, s3)) = servers("voip1_call::a_call_cut_by_sigkill_is_recovered_at_restart") else { return };
     let _turn = serial();
     let mut s = setup(&hs, &s3).await;
-    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
-    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let (caller, room, mut inbox) = dm_with_bot(&hs, &s).await;
     let room_id = room.room_id().to_string();
     let bot = s.bot.clone();
     let from_bot = |e: &Seen| e.sender() == bot;
-    let joined = inbox
-        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
-            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
-        })
-        .await;
-    assert!(joined.is_some(), "the bot joined the DM within 60 s");
 
     // A 12 s call, killed 6 s after the answer.
     let call_id = format!("killed-{}", s.suffix);
@@ -1094,17 +1125,6 @@ async fn a_call_cut_by_sigkill_is_recovered_at_restart() {
 // -------------------------------------------------------------------------------------------------
 // Test 5: the S3 server is stopped for 60 s during the call and again during the finalize.
 
-/// Runs `deploy/dev/garage.sh <what>` (the Garage every test of this run uses; the voip1 tests
-/// take turns, and the other suites run in other test binaries, one after the other).
-fn garage(what: &str) {
-    let status = std::process::Command::new("bash")
-        .arg(repo_root().join("deploy/dev/garage.sh"))
-        .arg(what)
-        .status()
-        .unwrap_or_else(|e| panic!("garage.sh {what}: {e}"));
-    assert!(status.success(), "garage.sh {what}: {status}");
-}
-
 /// A counter of the bot's /metrics (summed over its labels), 0 when absent.
 async fn metric(http_base: &str, name: &str) -> f64 {
     let text = reqwest::get(format!("{http_base}/metrics")).await.unwrap().text().await.unwrap();
@@ -1122,33 +1142,17 @@ async fn the_store_away_for_a_minute_twice_loses_nothing() {
     let Some((hs, s3)) = servers("voip1_call::the_store_away_for_a_minute_twice_loses_nothing") else { return };
     let _turn = serial();
     let mut s = setup(&hs, &s3).await;
-    // However this test ends, the other tests get their store back.
-    struct Restart;
-    impl Drop for Restart {
-        fn drop(&mut self) {
-            let script = repo_root().join("deploy/dev/garage.sh");
-            let _ = std::process::Command::new("bash").arg(script).arg("start").status();
-        }
-    }
-    let _restart = Restart;
-    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
-    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let _restart = StartsAgain("garage");
+    let (caller, room, mut inbox) = dm_with_bot(&hs, &s).await;
     let room_id = room.room_id().to_string();
     let bot = s.bot.clone();
-    let from_bot = |e: &Seen| e.sender() == bot;
-    let joined = inbox
-        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
-            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
-        })
-        .await;
-    assert!(joined.is_some(), "the bot joined the DM within 60 s");
     let retries_before = metric(&s.http_base, "mxrec_upload_retries_total").await;
 
     // Outage 1: from 3 s into the call until well after it ended.
     let call_id = format!("outage-{}", s.suffix);
     let (mut aiortc, invite_ts, answer) = place_call(&s, &caller, &room, &mut inbox, &call_id, CALL_SECONDS).await;
     tokio::time::sleep_until(Instant::now() + Duration::from_millis((answer.ts() + 3000 - now_ms()).max(0) as u64)).await;
-    garage("stop");
+    dev_server("garage", "stop");
     let stopped = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(CALL_SECONDS as u64 + 60), aiortc.child.wait())
         .await
@@ -1164,7 +1168,7 @@ async fn the_store_away_for_a_minute_twice_loses_nothing() {
     tokio::time::sleep_until(stopped + OUTAGE).await;
     let retries_1 = metric(&s.http_base, "mxrec_upload_retries_total").await - retries_before;
     eprintln!("store away {:?} from 3 s into the call; upload retries meanwhile: {retries_1}", stopped.elapsed());
-    garage("start");
+    dev_server("garage", "start");
 
     // Outage 2: from the finalize's first joined track (the segments are stored by then).
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -1172,26 +1176,16 @@ async fn the_store_away_for_a_minute_twice_loses_nothing() {
         assert!(Instant::now() < deadline, "the finalize never joined a track");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    garage("stop");
+    dev_server("garage", "stop");
     let stopped = Instant::now();
     tokio::time::sleep_until(stopped + OUTAGE).await;
     let retries_2 = metric(&s.http_base, "mxrec_upload_retries_total").await - retries_before - retries_1;
     eprintln!("store away {:?} during the finalize; upload retries meanwhile: {retries_2}", stopped.elapsed());
-    garage("start");
+    dev_server("garage", "start");
     assert!(retries_1 >= 1.0 && retries_2 >= 1.0, "the retries show in the metrics: {retries_1} and {retries_2}");
 
     // Everything arrives: the links, and a recording whose every object matches its manifest.
-    let failed = |e: &Seen| from_bot(e) && e.ty() == "m.room.message" && e.body().starts_with("Recording failed:");
-    let recording = inbox
-        .wait_for(Instant::now() + Duration::from_secs(5), |e| {
-            from_bot(e) && e.ts() >= invite_ts && e.body().starts_with("This call is being recorded by ")
-        })
-        .await;
-    let links = inbox
-        .wait_for(Instant::now() + Duration::from_millis(LINKS_WITHIN_MS as u64), |e| {
-            from_bot(e) && e.ts() >= invite_ts && (e.body().starts_with("Recording saved:") || failed(e))
-        })
-        .await;
+    let (recording, links) = bot_notices(&mut inbox, &bot, invite_ts).await;
     verify_notices_and_recording(&s, &s3, &room_id, hangup_ts, recording.map(|e| e.notice()), links.map(|e| e.notice()))
         .await;
     let failures = metric(&s.http_base, "mxrec_uploads_failed_total").await;
@@ -1202,17 +1196,6 @@ async fn the_store_away_for_a_minute_twice_loses_nothing() {
 // -------------------------------------------------------------------------------------------------
 // Test 6: the homeserver is stopped mid-call and started again.
 
-/// Runs `deploy/dev/synapse.sh <what>` (the Synapse of this run; see [`garage`] for why that is
-/// safe here).
-fn synapse_sh(what: &str) {
-    let status = std::process::Command::new("bash")
-        .arg(repo_root().join("deploy/dev/synapse.sh"))
-        .arg(what)
-        .status()
-        .unwrap_or_else(|e| panic!("synapse.sh {what}: {e}"));
-    assert!(status.success(), "synapse.sh {what}: {status}");
-}
-
 /// The homeserver is away this long, from 3 s into the call until after the media ended.
 const HOMESERVER_AWAY: Duration = Duration::from_secs(20);
 
@@ -1221,30 +1204,15 @@ async fn a_homeserver_restart_mid_call_loses_nothing() {
     let Some((hs, s3)) = servers("voip1_call::a_homeserver_restart_mid_call_loses_nothing") else { return };
     let _turn = serial();
     let mut s = setup(&hs, &s3).await;
-    struct Restart;
-    impl Drop for Restart {
-        fn drop(&mut self) {
-            let script = repo_root().join("deploy/dev/synapse.sh");
-            let _ = std::process::Command::new("bash").arg(script).arg("start").status();
-        }
-    }
-    let _restart = Restart;
-    let mut caller = Caller::login(&hs, &s.caller, &s.caller_password, &s.dir.path().join("caller-store")).await;
-    let (room, mut inbox) = caller.create_encrypted_dm(&s.bot).await;
+    let _restart = StartsAgain("synapse");
+    let (caller, room, mut inbox) = dm_with_bot(&hs, &s).await;
     let room_id = room.room_id().to_string();
     let bot = s.bot.clone();
-    let from_bot = |e: &Seen| e.sender() == bot;
-    let joined = inbox
-        .wait_for(Instant::now() + Duration::from_secs(60), |e| {
-            e.ty() == "m.room.member" && e.event["state_key"] == bot.as_str() && e.content()["membership"] == "join"
-        })
-        .await;
-    assert!(joined.is_some(), "the bot joined the DM within 60 s");
 
     let call_id = format!("hs-restart-{}", s.suffix);
     let (mut aiortc, invite_ts, answer) = place_call(&s, &caller, &room, &mut inbox, &call_id, CALL_SECONDS).await;
     tokio::time::sleep_until(Instant::now() + Duration::from_millis((answer.ts() + 3000 - now_ms()).max(0) as u64)).await;
-    synapse_sh("stop");
+    dev_server("synapse", "stop");
     let stopped = Instant::now();
     // The media does not pass the homeserver: the whole call is sent while it is away.
     let status = tokio::time::timeout(Duration::from_secs(CALL_SECONDS as u64 + 60), aiortc.child.wait())
@@ -1254,7 +1222,7 @@ async fn a_homeserver_restart_mid_call_loses_nothing() {
     assert!(status.success(), "aiortc sender failed ({status})");
     tokio::time::sleep_until(stopped + HOMESERVER_AWAY).await;
     s.mxrec.assert_running("the homeserver went away");
-    synapse_sh("start");
+    dev_server("synapse", "start");
     eprintln!("homeserver away for {:?}", stopped.elapsed());
 
     let hangup_id = caller.send_call(&room, "m.call.hangup", json!({"call_id": call_id, "reason": "user_hangup"})).await;
@@ -1263,17 +1231,7 @@ async fn a_homeserver_restart_mid_call_loses_nothing() {
         .await
         .expect("our hangup comes back in the sync")
         .ts();
-    let failed = |e: &Seen| from_bot(e) && e.ty() == "m.room.message" && e.body().starts_with("Recording failed:");
-    let recording = inbox
-        .wait_for(Instant::now() + Duration::from_secs(5), |e| {
-            from_bot(e) && e.ts() >= invite_ts && e.body().starts_with("This call is being recorded by ")
-        })
-        .await;
-    let links = inbox
-        .wait_for(Instant::now() + Duration::from_millis(LINKS_WITHIN_MS as u64), |e| {
-            from_bot(e) && e.ts() >= invite_ts && (e.body().starts_with("Recording saved:") || failed(e))
-        })
-        .await;
+    let (recording, links) = bot_notices(&mut inbox, &bot, invite_ts).await;
     verify_notices_and_recording(&s, &s3, &room_id, hangup_ts, recording.map(|e| e.notice()), links.map(|e| e.notice()))
         .await;
     let retried = s.mxrec.log_lines_with("syncing with the homeserver failed; retrying");
