@@ -225,8 +225,20 @@ fn kind_of(k: MediaKind) -> TrackKind {
 impl Recording {
     /// Starts a recording of a call in `room`; the recording holds `env` until it finishes.
     pub async fn start(env: Arc<Env>, room: &str, flavour: CallFlavour, external_call_id: Option<&str>) -> Result<Self> {
+        Self::start_at(env, room, flavour, external_call_id, storage::now_ms()).await
+    }
+
+    /// [`Recording::start`] with the wall-clock time (Unix ms) of the recording's zero, when
+    /// that lies before now: frames held while the tracks of a call came up are written with
+    /// times from that zero.
+    pub async fn start_at(
+        env: Arc<Env>,
+        room: &str,
+        flavour: CallFlavour,
+        external_call_id: Option<&str>,
+        epoch_ms: i64,
+    ) -> Result<Self> {
         let room_id = RoomId::new(room);
-        let epoch_ms = storage::now_ms();
         let call = env.catalog.create_call(&room_id, flavour, external_call_id, epoch_ms).await?;
         let rec = env.catalog.create_recording(&call.id, epoch_ms).await?;
         let keys = ObjectKeys::new(&room_id, &rec.id);

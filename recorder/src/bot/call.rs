@@ -252,6 +252,8 @@ struct CallMedia {
     /// Mute states by stream id, as last reported.
     stream_mutes: HashMap<String, (bool, bool)>,
     frames_before_zero: u64,
+    /// When the first frame was held before the recording started.
+    first_held_at: Option<Instant>,
     failed: Option<String>,
     /// Room control: registered once the caller is known; commands given before the first
     /// frame; users who had opted out.
@@ -272,6 +274,7 @@ impl CallMedia {
             slots: HashMap::new(),
             stream_mutes: HashMap::new(),
             frames_before_zero: 0,
+            first_held_at: None,
             failed: None,
             registered: false,
             pending: Pending::default(),
@@ -287,7 +290,7 @@ impl CallMedia {
         match action {
             RecordAction::Start { caller, caller_party, .. } => {
                 self.caller = Some((caller.0, caller_party.map(|p| p.0)));
-                self.try_flush().await;
+                self.try_flush(false).await;
             }
             RecordAction::TrackLabel { stream_id, track_id, kind, purpose } => {
                 let source = source_of(purpose, kind);
@@ -306,7 +309,7 @@ impl CallMedia {
                 if let Some((key, _)) = slot {
                     let key = *key;
                     self.label(key, source).await;
-                    self.try_flush().await;
+                    self.try_flush(false).await;
                 } else {
                     debug!(%stream_id, %track_id, ?purpose, "label for an unknown track");
                 }
@@ -403,6 +406,9 @@ impl CallMedia {
 
     async fn on_frame(&mut self, track: TrackKey, frame: EncodedFrame, peer: &RecvPeer) {
         let Some(slot) = self.slots.get_mut(&track) else { return };
+        if self.recording.is_none() {
+            self.first_held_at.get_or_insert_with(Instant::now);
+        }
         slot.pending.push_back(frame);
         if slot.pending.len() > MAX_PENDING_FRAMES {
             slot.pending.pop_front();
@@ -411,7 +417,7 @@ impl CallMedia {
                 slot.span.in_scope(|| warn!(dropped = slot.dropped_pending, "track not labelled yet; dropping its oldest held frames"));
             }
         }
-        self.try_flush().await;
+        self.try_flush(false).await;
         // A writer that waits for a keyframe (start, parameter change) asks the sender for one.
         let (Some(rec), Some(slot)) = (self.recording.as_ref(), self.slots.get_mut(&track)) else { return };
         if let Some(t) = &slot.recording_track {
@@ -422,15 +428,21 @@ impl CallMedia {
         }
     }
 
-    /// Starts the recording once the call is ours and a labelled track has media, then writes
-    /// every held frame of labelled tracks.
-    async fn try_flush(&mut self) {
+    /// Starts the recording once the call is ours, a labelled track has media and every track
+    /// that sends any has given its first frame (or [`super::START_WAIT`] passed, or the call
+    /// ends: `closing`), then writes every held frame of labelled tracks.
+    async fn try_flush(&mut self, closing: bool) {
         if self.failed.is_some() || self.caller.is_none() {
             return;
         }
         if self.recording.is_none() {
             let labelled_with_media = self.slots.values().any(|s| s.source.is_some() && !s.pending.is_empty());
             if !labelled_with_media {
+                return;
+            }
+            let all_started = self.slots.values().all(|s| s.ended || s.muted || !s.pending.is_empty());
+            let waited = self.first_held_at.is_some_and(|t| t.elapsed() >= super::START_WAIT);
+            if !(all_started || waited || closing) {
                 return;
             }
             if let Err(e) = self.start_recording().await {
@@ -462,11 +474,12 @@ impl CallMedia {
     async fn start_recording(&mut self) -> anyhow::Result<()> {
         let (user, party) = self.caller.clone().expect("checked by the caller");
         self.zero_us = self.slots.values().filter_map(|s| s.pending.front().map(|f| f.pts_us)).min().unwrap_or(0);
-        let mut rec = Recording::start(
+        let mut rec = Recording::start_at(
             self.ctx.env.clone(),
             self.key.room_id.as_str(),
             storage::manifest::CallFlavour::Voip1,
             Some(self.key.call_id.as_str()),
+            super::wall_ms_at(self.epoch, self.zero_us),
         )
         .await?;
         let display_name = self.ctx.display_name(&self.key.room_id, &user).await;
@@ -544,7 +557,7 @@ impl CallMedia {
             };
             self.label(k, source_of(Purpose::Camera, kind)).await;
         }
-        self.try_flush().await;
+        self.try_flush(true).await;
         for slot in self.slots.values() {
             if !slot.ended {
                 metrics::gauge!(m::ACTIVE_TRACKS).decrement(1.0);

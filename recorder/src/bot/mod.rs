@@ -51,6 +51,21 @@ use crate::voip1;
 /// Room events waiting for the runtime; the sync handler waits when it is full.
 const EVENT_QUEUE: usize = 1024;
 
+/// A call's recording starts once every track that sends media has given its first frame, or
+/// this long after the first frame at the latest, and its zero is the earliest of those frames.
+/// A new track's frames are held until its first Sender Report
+/// ([`crate::rtp::SENDER_REPORT_WAIT`]), so the tracks' first frames come out seconds apart; a
+/// recording started by the first of them would drop the others' first frames (the first video
+/// keyframe among them) as stamped before its zero.
+pub(crate) const START_WAIT: std::time::Duration =
+    crate::rtp::SENDER_REPORT_WAIT.saturating_add(std::time::Duration::from_secs(1));
+
+/// Unix ms of the instant `us` µs after `epoch` (a call's media clock), for a recording whose
+/// zero lies before the moment it is created.
+pub(crate) fn wall_ms_at(epoch: std::time::Instant, us: i64) -> i64 {
+    storage::now_ms() - (epoch.elapsed().as_micros() as i64 - us) / 1000
+}
+
 /// What every part of the bot shares.
 pub struct BotContext {
     pub config: Config,

@@ -1,7 +1,8 @@
 //! RTP timestamps → microseconds on the recording clock.
 //!
-//! Until the sender's first RTCP Sender Report, a track is anchored at the arrival of its first
-//! packet and runs at its clock rate. A Sender Report pairs an RTP timestamp with the sender's
+//! Without a Sender Report, a track is anchored at the arrival of its first packet and runs at its
+//! clock rate ([`super::TrackReceiver`] holds a new track's frames a few seconds for the first
+//! report, so this fallback only times senders that send none). A Sender Report pairs an RTP timestamp with the sender's
 //! NTP wall clock; all tracks of one sender share that NTP clock, so mapping every track
 //! through its latest SR and one NTP→recording offset per participant ([`ParticipantClock`])
 //! puts a participant's audio and video on the same time line, whatever their arrival skew.
@@ -97,6 +98,10 @@ impl TrackClock {
 
     pub fn on_sender_report(&mut self, sr: SenderReportTiming, offset: NtpOffset) {
         self.sr_anchor = Some((ntp_to_us(sr.ntp_time) + offset.0, sr.rtp_time));
+    }
+
+    pub fn has_sender_report(&self) -> bool {
+        self.sr_anchor.is_some()
     }
 
     fn ticks_to_us(&self, ticks: i64) -> i64 {

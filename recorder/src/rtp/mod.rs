@@ -30,5 +30,7 @@ mod tests;
 
 pub use clock::{ntp_to_us, NtpOffset, ParticipantClock, SenderReportTiming};
 pub use depack::{DepacketizedFrame, Depacketizer, PacketInfo, ParameterSets};
-pub use receiver::{DropReason, MalformedPacket, ReceiverConfig, ReceiverOutput, ReceiverStats, TrackReceiver};
+pub use receiver::{
+    DropReason, MalformedPacket, ReceiverConfig, ReceiverOutput, ReceiverStats, TrackReceiver, SENDER_REPORT_WAIT,
+};
 pub use unwrap::{SeqUnwrapper, TimestampUnwrapper};

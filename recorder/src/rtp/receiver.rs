@@ -29,11 +29,23 @@ pub struct ReceiverConfig {
     /// After a loss, drop video frames until the next keyframe instead of recording frames that
     /// reference a picture the decoder never got (which shows as smeared garbage).
     pub drop_until_keyframe_after_loss: bool,
+    /// Frames are held from the first packet until the track's first Sender Report, at most this
+    /// long, so even the first second of a call is placed on the sender's clock (lip sync) rather
+    /// than on the arrival of each track's first packet, which can be 100 ms apart between audio
+    /// and video. Without a report by then they go out timed by arrival. Zero: no holding.
+    pub sender_report_wait: Duration,
+    /// Holding stops early (frames go out timed by arrival) past this many payload bytes.
+    pub max_held_bytes: usize,
 }
+
+/// How long a new track's frames wait for its first Sender Report by default.
+pub const SENDER_REPORT_WAIT: Duration = Duration::from_secs(6);
 
 impl ReceiverConfig {
     /// Defaults: the codec's standard clock rate, 200 ms / 512 packets of reordering, one
-    /// keyframe request per 500 ms, drop until keyframe after a loss.
+    /// keyframe request per 500 ms, drop until keyframe after a loss, frames held up to 6 s /
+    /// 16 MiB for the first Sender Report (a LiveKit SFU sends them every 3 s, and only once the
+    /// publisher's own first report has reached it).
     pub fn new(codec: Codec) -> Self {
         Self {
             codec,
@@ -45,6 +57,8 @@ impl ReceiverConfig {
             max_packets: 512,
             keyframe_request_interval: Duration::from_millis(500),
             drop_until_keyframe_after_loss: true,
+            sender_report_wait: SENDER_REPORT_WAIT,
+            max_held_bytes: 16 << 20,
         }
     }
 }
@@ -96,6 +110,11 @@ pub struct ReceiverStats {
     pub pts_clamped: u64,
     /// Frames placed off their mapping while converging onto a moved one (a new Sender Report).
     pub pts_slewed: u64,
+    /// Frames held at the start until the first Sender Report (or the wait's end).
+    pub frames_held_for_sender_report: u64,
+    /// 1 when the track's first frames went out timed by arrival: no Sender Report came within
+    /// the wait (or the hold grew past its byte bound).
+    pub sender_report_wait_expired: u64,
 }
 
 /// A packet that breaks its payload format. It is counted, and its frame will be dropped.
@@ -125,6 +144,11 @@ pub struct TrackReceiver {
     outputs: VecDeque<ReceiverOutput>,
     stats: ReceiverStats,
     released: Vec<Released>,
+    /// Frames waiting for the first Sender Report: (extended RTP timestamp, data, keyframe).
+    held: Vec<(i64, Bytes, bool)>,
+    held_bytes: usize,
+    /// Until when frames are held (set by the first packet; `None` once released).
+    hold_until_us: Option<i64>,
 }
 
 impl TrackReceiver {
@@ -142,6 +166,9 @@ impl TrackReceiver {
             outputs: VecDeque::new(),
             stats: ReceiverStats::default(),
             released: Vec::new(),
+            held: Vec::new(),
+            held_bytes: 0,
+            hold_until_us: None,
             cfg,
         }
     }
@@ -165,6 +192,9 @@ impl TrackReceiver {
         if !self.started {
             self.started = true;
             self.clock.on_first_packet(ts, now_us);
+            if !self.clock.has_sender_report() && !self.cfg.sender_report_wait.is_zero() {
+                self.hold_until_us = Some(now_us + self.cfg.sender_report_wait.as_micros() as i64);
+            }
             if self.is_video() {
                 self.awaiting_keyframe = true;
                 self.want_keyframe = true;
@@ -201,8 +231,10 @@ impl TrackReceiver {
 
     /// Takes the timing of a Sender Report for this track's SSRC. `offset` is the participant's
     /// NTP→recording offset (see [`super::ParticipantClock`]).
+    /// Frames held for it go out now, on the sender's clock.
     pub fn handle_sender_report(&mut self, sr: SenderReportTiming, offset: NtpOffset) {
         self.clock.on_sender_report(sr, offset);
+        self.release_held(false);
     }
 
     /// Asks for a keyframe (e.g. when the segment writer `wants_keyframe()`), rate-limited.
@@ -224,10 +256,7 @@ impl TrackReceiver {
             (true, Some(t)) => Some(t + self.cfg.keyframe_request_interval.as_micros() as i64),
             _ => None,
         };
-        match (self.reorder.deadline(), retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [self.reorder.deadline(), retry, self.hold_until_us].into_iter().flatten().min()
     }
 
     pub fn poll_output(&mut self) -> Option<ReceiverOutput> {
@@ -240,6 +269,7 @@ impl TrackReceiver {
         self.reorder.flush(&mut released);
         self.handle_released(&mut released);
         self.released = released;
+        self.release_held(true);
     }
 
     pub fn stats(&self) -> ReceiverStats {
@@ -251,7 +281,32 @@ impl TrackReceiver {
         self.reorder.release(now_us, &mut released);
         self.handle_released(&mut released);
         self.released = released;
+        if self.hold_until_us.is_some_and(|until| now_us >= until) {
+            self.release_held(true);
+        }
         self.maybe_request(now_us);
+    }
+
+    /// Ends the hold: every held frame goes out, mapped by the Sender Report if one came, else by
+    /// arrival (`expired`).
+    fn release_held(&mut self, expired: bool) {
+        if self.hold_until_us.take().is_none() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
+        if expired && !self.clock.has_sender_report() {
+            self.stats.sender_report_wait_expired = 1;
+        }
+        tracing::debug!(
+            codec = %self.cfg.codec,
+            frames = held.len(),
+            on_sender_report = self.clock.has_sender_report(),
+            "frames held for the first Sender Report released"
+        );
+        for (ts, data, keyframe) in held {
+            self.place(ts, data, keyframe);
+        }
     }
 
     fn handle_released(&mut self, released: &mut Vec<Released>) {
@@ -289,6 +344,19 @@ impl TrackReceiver {
                 self.stats.keyframes_emitted += 1;
             }
         }
+        if self.hold_until_us.is_some() {
+            self.stats.frames_held_for_sender_report += 1;
+            self.held_bytes += data.len();
+            self.held.push((ts, data, keyframe));
+            if self.held_bytes > self.cfg.max_held_bytes {
+                self.release_held(true);
+            }
+            return;
+        }
+        self.place(ts, data, keyframe);
+    }
+
+    fn place(&mut self, ts: i64, data: Bytes, keyframe: bool) {
         let pts_us = self.clock.pts(ts);
         self.stats.frames_emitted += 1;
         self.outputs.push_back(ReceiverOutput::Frame(EncodedFrame { data, pts_us, keyframe }));

@@ -13,6 +13,12 @@ use transcoder::{Codec, EncodedFrame};
 
 use super::*;
 
+/// A receiver config that does not hold frames for a Sender Report: these tests are about the
+/// packets, not the clock.
+fn untimed(codec: Codec) -> ReceiverConfig {
+    ReceiverConfig { sender_report_wait: std::time::Duration::ZERO, ..ReceiverConfig::new(codec) }
+}
+
 fn rtp(seq: u16, ts: u32, marker: bool, payload: impl Into<Bytes>) -> rtc_rtp::Packet {
     let mut p = rtc_rtp::Packet::default();
     p.header.version = 2;
@@ -139,7 +145,7 @@ fn vp8_real_frames_survive_reordering_duplicates_and_both_wraparounds() {
     let scrambled = scramble(packets, 5, 7, 1);
     let (anchor_ts, t0) = (scrambled[0].header.timestamp, 1_000_000);
 
-    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::Vp8));
+    let mut rx = TrackReceiver::new(untimed(Codec::Vp8));
     let c = feed(&mut rx, scrambled, t0, 1_000);
     assert_eq!(c.frames.len(), 30);
     assert!(c.frames[0].keyframe && c.frames[10].keyframe && !c.frames[1].keyframe);
@@ -238,7 +244,7 @@ fn h264_real_access_units_come_out_as_annex_b_with_parameter_sets_on_every_idr()
     assert!(fu_a > 0 && stap_a >= 1, "fu-a {fu_a}, stap-a {stap_a}");
     let scrambled = scramble(packets, 4, 5, 2);
 
-    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::H264));
+    let mut rx = TrackReceiver::new(untimed(Codec::H264));
     let c = feed(&mut rx, scrambled, 0, 500);
     assert_eq!(c.frames.len(), 24, "{:?}", rx.stats());
     for (k, (f, (want, idr))) in c.frames.iter().zip(&expected).enumerate() {
@@ -294,7 +300,7 @@ fn vp9_real_frames_keyframes_from_descriptor_and_header() {
             seq = seq.wrapping_add(1);
         }
     }
-    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::Vp9));
+    let mut rx = TrackReceiver::new(untimed(Codec::Vp9));
     let c = feed(&mut rx, scramble(packets, 6, 0, 3), 0, 1000);
     assert_eq!(c.frames.len(), 20);
     for (k, (f, o)) in c.frames.iter().zip(&originals).enumerate() {
@@ -306,7 +312,7 @@ fn vp9_real_frames_keyframes_from_descriptor_and_header() {
     // webrtc-rs's own VP9 payloader never sets P: the frame header keeps delta frames delta.
     let frames: Vec<(Bytes, u32)> = originals.iter().enumerate().map(|(k, f)| (f.clone(), 3000 * k as u32)).collect();
     let packets = packetize(&mut rtc_rtp::codec::vp9::Vp9Payloader::default(), 300, &frames, 7);
-    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::Vp9));
+    let mut rx = TrackReceiver::new(untimed(Codec::Vp9));
     let c = feed(&mut rx, packets, 0, 1000);
     let keys: Vec<bool> = c.frames.iter().map(|f| f.keyframe).collect();
     assert_eq!(keys, originals.iter().map(is_key).collect::<Vec<_>>());
@@ -343,7 +349,7 @@ fn av1_real_temporal_units_rebuilt_with_size_fields() {
     let frames: Vec<(Bytes, u32)> = originals.iter().enumerate().map(|(k, f)| (f.clone(), 3000 * k as u32)).collect();
     let packets = packetize(&mut rtc_rtp::codec::av1::Av1Payloader::default(), 200, &frames, 65_530);
     assert!(packets.iter().any(|p| p.payload[0] & 0x80 != 0), "some OBU is fragmented (Z=1)");
-    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::Av1));
+    let mut rx = TrackReceiver::new(untimed(Codec::Av1));
     let c = feed(&mut rx, scramble(packets, 4, 6, 4), 0, 1000);
     assert_eq!(c.frames.len(), 12, "{:?}", rx.stats());
     for (k, (f, o)) in c.frames.iter().zip(&originals).enumerate() {
@@ -383,7 +389,7 @@ fn vp8_packets(seq: u16, ts: u32, key: bool, parts: usize) -> Vec<rtc_rtp::Packe
 
 #[test]
 fn loss_drops_the_broken_frame_requests_a_keyframe_and_waits_for_it() {
-    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::Vp8));
+    let mut rx = TrackReceiver::new(untimed(Codec::Vp8));
     let mut c = Collected::default();
     let mut now = 0;
     let send = |rx: &mut TrackReceiver, pkts: Vec<rtc_rtp::Packet>, now: &mut i64, c: &mut Collected| {
@@ -450,7 +456,7 @@ fn h264_stap_a_and_fu_a_through_the_receiver_and_fu_a_without_start() {
         v.extend_from_slice(part);
         v
     };
-    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::H264));
+    let mut rx = TrackReceiver::new(untimed(Codec::H264));
     let mut c = Collected::default();
     let pkts = vec![
         rtp(65534, 90_000, false, stap),
@@ -494,7 +500,7 @@ fn malformed_packets_are_counted_and_never_panic() {
         (Codec::Av1, vec![0x00, 0x7f]),
     ];
     for (codec, payload) in cases {
-        let mut rx = TrackReceiver::new(ReceiverConfig::new(codec));
+        let mut rx = TrackReceiver::new(untimed(codec));
         let err = rx.handle_rtp(0, rtp(1, 0, true, payload.clone())).unwrap_err();
         assert!(err.to_string().contains("malformed"), "{err}");
         assert_eq!(rx.stats().malformed_packets, 1, "{codec} {payload:?}");
@@ -504,7 +510,7 @@ fn malformed_packets_are_counted_and_never_panic() {
     // Random garbage through every codec: errors, drops, but no panic.
     let mut rng = StdRng::seed_from_u64(9);
     for codec in [Codec::Opus, Codec::Vp8, Codec::Vp9, Codec::H264, Codec::Av1] {
-        let mut rx = TrackReceiver::new(ReceiverConfig::new(codec));
+        let mut rx = TrackReceiver::new(untimed(codec));
         let mut now = 0;
         for i in 0..3000u32 {
             let len = rng.gen_range(0..40);
@@ -523,7 +529,7 @@ fn malformed_packets_are_counted_and_never_panic() {
 
 #[test]
 fn opus_sequence_and_timestamp_wraparound() {
-    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::Opus));
+    let mut rx = TrackReceiver::new(untimed(Codec::Opus));
     let ts0 = u32::MAX - 960 * 2 + 1;
     let mut c = Collected::default();
     for k in 0..6u32 {
@@ -543,7 +549,7 @@ fn opus_sequence_and_timestamp_wraparound() {
 }
 
 #[test]
-fn sender_reports_align_audio_and_video_of_one_sender() {
+fn sender_reports_align_audio_and_video_of_one_sender_from_the_first_frame() {
     // The sender's NTP clock: 3 900 000 000 s since 1900 at the capture of the first samples.
     let ntp0: u64 = 3_900_000_000u64 << 32;
     let ntp_at = |ms: u64| ntp0 + ((ms << 32) / 1000);
@@ -563,10 +569,13 @@ fn sender_reports_align_audio_and_video_of_one_sender() {
     audio.handle_rtp(arrive(0, 30_000), rtp(1, a_ts(0), true, vec![0xfc, 0])).unwrap();
     let vp = vp8_packets(1, v_ts(0), true, 1);
     video.handle_rtp(arrive(0, 180_000), vp[0].clone()).unwrap();
+    audio.handle_timeout(arrive(900, 0));
+    video.handle_timeout(arrive(900, 0));
     drain(&mut audio, &mut ca);
     drain(&mut video, &mut cv);
-    // Before any SR, each track is anchored at its own arrival: 150 ms apart.
-    assert_eq!(cv.frames[0].pts_us - ca.frames[0].pts_us, 150_000);
+    // Before any SR the frames are held (timed by arrival they would be 150 ms apart)…
+    assert!(ca.frames.is_empty() && cv.frames.is_empty(), "frames wait for the first Sender Report");
+    assert_eq!(audio.poll_timeout(), Some(arrive(0, 30_000) + 6_000_000), "for at most 6 s");
 
     // SRs (sent at capture time 1000 ms, audio's arrives 20 ms later, video's 25 ms later).
     let sr_a = SenderReportTiming { ntp_time: ntp_at(1000), rtp_time: a_ts(1000) };
@@ -576,14 +585,69 @@ fn sender_reports_align_audio_and_video_of_one_sender() {
     let off_v = participant.offset(sr_v, arrive(1000, 25_000));
     assert_eq!(off, off_v, "one offset per participant");
     video.handle_sender_report(sr_v, off_v);
+    drain(&mut audio, &mut ca);
+    drain(&mut video, &mut cv);
+    // …then go out on the sender's clock: the first frames, captured together, get one pts, the
+    // capture time + the first SR's transit (20 ms).
+    assert_eq!((ca.frames.len(), cv.frames.len()), (1, 1));
+    assert_eq!(ca.frames[0].pts_us, cv.frames[0].pts_us);
+    assert_eq!(ca.frames[0].pts_us, rec0 + 20_000);
+    assert_eq!(audio.stats().frames_held_for_sender_report, 1);
+    assert_eq!(audio.stats().sender_report_wait_expired, 0);
 
-    // Frames captured at 2000 ms on both tracks now get the same pts.
+    // Later frames are not held.
     audio.handle_rtp(arrive(2000, 30_000), rtp(2, a_ts(2000), true, vec![0xfc, 1])).unwrap();
     let vp = vp8_packets(2, v_ts(2000), false, 1);
     video.handle_rtp(arrive(2000, 180_000), vp[0].clone()).unwrap();
     drain(&mut audio, &mut ca);
     drain(&mut video, &mut cv);
     assert_eq!(ca.frames[1].pts_us, cv.frames[1].pts_us);
-    // …and that pts is capture time + the first SR's transit (20 ms).
     assert_eq!(ca.frames[1].pts_us, rec0 + 2_000_000 + 20_000);
+}
+
+#[test]
+fn without_a_sender_report_held_frames_go_out_timed_by_arrival() {
+    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::Opus));
+    let mut out = Collected::default();
+    // 20 ms frames arriving from 1 s on; no Sender Report ever comes.
+    for k in 0..400u32 {
+        let now = 1_000_000 + k as i64 * 20_000;
+        rx.handle_timeout(now);
+        rx.handle_rtp(now, rtp(k as u16, 960 * k, true, vec![0xfc, k as u8])).unwrap();
+        drain(&mut rx, &mut out);
+        if now < 7_000_000 {
+            assert!(out.frames.is_empty(), "held at {now} µs");
+        }
+    }
+    // At 7 s (6 s after the first packet) the 300 held frames went out, timed by arrival, and the
+    // rest followed as they came.
+    assert_eq!(out.frames.len(), 400);
+    for (k, f) in out.frames.iter().enumerate() {
+        assert_eq!(f.pts_us, 1_000_000 + k as i64 * 20_000);
+    }
+    let s = rx.stats();
+    assert_eq!((s.frames_held_for_sender_report, s.sender_report_wait_expired), (300, 1));
+
+    // A track that ends while holding gives its frames up at the flush.
+    let mut rx = TrackReceiver::new(ReceiverConfig::new(Codec::Opus));
+    let mut out = Collected::default();
+    for k in 0..10u32 {
+        rx.handle_rtp(k as i64 * 20_000, rtp(k as u16, 960 * k, true, vec![0xfc, 0])).unwrap();
+    }
+    drain(&mut rx, &mut out);
+    assert!(out.frames.is_empty());
+    rx.flush();
+    drain(&mut rx, &mut out);
+    assert_eq!(out.frames.len(), 10);
+
+    // The hold is bounded in bytes too.
+    let cfg = ReceiverConfig { max_held_bytes: 1000, ..ReceiverConfig::new(Codec::Opus) };
+    let mut rx = TrackReceiver::new(cfg);
+    let mut out = Collected::default();
+    for k in 0..10u32 {
+        rx.handle_rtp(k as i64 * 20_000, rtp(k as u16, 960 * k, true, vec![0xfc; 300])).unwrap();
+    }
+    drain(&mut rx, &mut out);
+    assert_eq!(out.frames.len(), 10, "past 1000 held bytes the frames went out");
+    assert_eq!(rx.stats().frames_held_for_sender_report, 4);
 }

@@ -38,6 +38,8 @@ use crate::pipeline::{ParticipantInfo, Recording, TrackInfo, TrackSource};
 /// After the SFUs are left, how long their last frames may take.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_secs(1);
+/// Frames held before the recording starts: past this many payload bytes it starts at once.
+const MAX_EARLY_BYTES: usize = 64 << 20;
 /// How long after a member joins a recorded call the notice mentioning them is sent.
 const MENTION_DELAY: Duration = Duration::from_secs(5);
 /// Lifetime of a token mxrec mints itself.
@@ -116,11 +118,19 @@ struct Media {
     sif: HashMap<usize, Vec<u8>>,
     recording: Option<Recording>,
     zero_us: i64,
+    /// Decrypted frames held until the recording starts (see [`super::super::START_WAIT`]), with
+    /// when the first came and their payload bytes.
+    early: Vec<(usize, SfuTrack, EncodedFrame)>,
+    early_since: Option<Instant>,
+    early_bytes: usize,
     slots: HashMap<(usize, SfuTrack), Slot>,
     /// Matrix members by LiveKit identity.
     members: HashMap<String, Member>,
     /// Who is in the LiveKit room(s) now, by identity, with their LiveKit display name.
     present: HashMap<String, String>,
+    /// When each of them joined, µs since `epoch` (a recording that starts later, once its
+    /// tracks are up, has them present from then, not from its zero).
+    joined_at: HashMap<String, i64>,
     /// Refusals already logged: (identity, cause).
     logged: HashSet<(String, &'static str)>,
     refused: BTreeMap<&'static str, u64>,
@@ -192,9 +202,13 @@ impl RtcCallTask {
             sif: HashMap::new(),
             recording: None,
             zero_us: 0,
+            early: Vec::new(),
+            early_since: None,
+            early_bytes: 0,
             slots: HashMap::new(),
             members: self.members.iter().map(|m| (m.identity.clone(), m.clone())).collect(),
             present: HashMap::new(),
+            joined_at: HashMap::new(),
             logged: HashSet::new(),
             refused: BTreeMap::new(),
             decrypted: 0,
@@ -454,6 +468,7 @@ impl Media {
         match ev {
             RoomEvent::ParticipantJoined { identity, name, .. } => {
                 self.present.insert(identity.clone(), name);
+                self.joined_at.insert(identity.clone(), self.epoch.elapsed().as_micros() as i64);
                 if self.recording.is_some() {
                     let p = person(&self.ctx, &self.room_id, &self.members, &self.present, &identity).await;
                     let at = self.now_us();
@@ -467,6 +482,7 @@ impl Media {
             }
             RoomEvent::ParticipantLeft { identity, .. } => {
                 self.present.remove(&identity);
+                self.joined_at.remove(&identity);
                 let at = self.now_us();
                 if let Some(rec) = self.recording.as_mut() {
                     if let Err(e) = rec.participant_left(&identity, at).await {
@@ -544,13 +560,49 @@ impl Media {
             frame
         };
         if self.recording.is_none() {
-            if let Err(e) = self.start_recording(frame.pts_us).await {
-                let reason = format!("starting the recording: {e:#}");
-                warn!(error = %reason, "the recording cannot go on");
-                self.failed = Some(reason);
-                return;
+            self.early_bytes += frame.data.len();
+            self.early.push((conn, track, frame));
+            self.early_since.get_or_insert_with(Instant::now);
+            if self.ready_to_start() {
+                self.start_with_early(conns).await;
             }
+            return;
         }
+        self.write_frame(conn, track, frame, conns).await;
+    }
+
+    /// Every track that sends media has given its first frame, or the wait is over.
+    fn ready_to_start(&self) -> bool {
+        let waited = self.early_since.is_some_and(|t| t.elapsed() >= super::super::START_WAIT);
+        let all_started = self.slots.iter().all(|(key, s)| {
+            s.ended || s.remote.muted || s.undecryptable_before_start || self.early.iter().any(|(c, t, _)| (*c, *t) == *key)
+        });
+        all_started || waited || self.early_bytes > MAX_EARLY_BYTES
+    }
+
+    /// Starts the recording at the earliest held frame and writes the held frames.
+    async fn start_with_early(&mut self, conns: &[SfuConnection]) {
+        let mut early = std::mem::take(&mut self.early);
+        self.early_since = None;
+        self.early_bytes = 0;
+        let Some(zero) = early.iter().map(|(_, _, f)| f.pts_us).min() else { return };
+        if let Err(e) = self.start_recording(zero).await {
+            let reason = format!("starting the recording: {e:#}");
+            warn!(error = %reason, "the recording cannot go on");
+            self.failed = Some(reason);
+            return;
+        }
+        // Stable: each track's frames keep their order.
+        early.sort_by_key(|(_, _, f)| f.pts_us);
+        for (c, t, f) in early {
+            if self.failed.is_some() {
+                break;
+            }
+            self.write_frame(c, t, f, conns).await;
+        }
+    }
+
+    async fn write_frame(&mut self, conn: usize, track: SfuTrack, frame: EncodedFrame, conns: &[SfuConnection]) {
         let Some(rec_track) = self.ensure_track(conn, track).await else { return };
         let mut frame = frame;
         frame.pts_us -= self.zero_us;
@@ -599,11 +651,12 @@ impl Media {
 
     async fn start_recording(&mut self, first_pts_us: i64) -> anyhow::Result<()> {
         self.zero_us = first_pts_us;
-        let rec = Recording::start(
+        let rec = Recording::start_at(
             self.ctx.env.clone(),
             self.room_id.as_str(),
             storage::manifest::CallFlavour::Matrixrtc,
             Some(&session::livekit_room_name(self.room_id.as_str(), session::CALL_SLOT_ID)),
+            super::super::wall_ms_at(self.epoch, self.zero_us),
         )
         .await?;
         info!(recording = %rec.id(), "recording the call");
@@ -614,12 +667,13 @@ impl Media {
         }
         self.pending.replay(&mut rec).await?;
         self.recording = Some(rec);
-        // Everyone already in the room is present from the start.
+        // Everyone already in the room is present from when they joined (the start at the latest).
         let present: Vec<String> = self.present.keys().cloned().collect();
         for identity in present {
             let p = person(&self.ctx, &self.room_id, &self.members, &self.present, &identity).await;
+            let at = self.joined_at.get(&identity).map_or(0, |&t| (t - self.zero_us).max(0));
             if let Some(rec) = self.recording.as_mut() {
-                rec.participant_joined(ParticipantInfo { id: identity, user_id: p.user_id, device_id: p.device_id, display_name: p.display_name }, 0).await?;
+                rec.participant_joined(ParticipantInfo { id: identity, user_id: p.user_id, device_id: p.device_id, display_name: p.display_name }, at).await?;
             }
         }
         // Tracks that had only undecryptable frames so far.
@@ -678,6 +732,9 @@ impl Media {
     }
 
     async fn finish(mut self) -> Option<messages::Notice> {
+        if self.recording.is_none() && self.failed.is_none() && !self.early.is_empty() {
+            self.start_with_early(&[]).await;
+        }
         for slot in self.slots.values() {
             if !slot.ended {
                 metrics::gauge!(m::ACTIVE_TRACKS).decrement(1.0);
