@@ -85,3 +85,46 @@ pub fn rtcp_for_application(packets: Vec<Box<dyn RtcpPacket>>) -> Option<(Vec<Bo
     let Packet::Rtcp(packets) = out.message.packet else { panic!("RTCP in, something else out") };
     Some((packets, delivered))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtc::rtcp::receiver_report::ReceiverReport;
+    use rtc::rtcp::sender_report::SenderReport;
+
+    /// What aiortc offers for one microphone (the seed of the sdp target).
+    const OFFER: &str = "v=0\r\no=- 3919487412 3919487412 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
+        a=group:BUNDLE 0\r\na=msid-semantic:WMS *\r\nm=audio 50000 UDP/TLS/RTP/SAVPF 96 0\r\n\
+        c=IN IP4 127.0.0.1\r\na=sendrecv\r\na=mid:0\r\na=msid:stream0 audio0\r\na=rtcp-mux\r\n\
+        a=ssrc:1001 cname:aiortc\r\na=rtpmap:96 opus/48000/2\r\na=rtpmap:0 PCMU/8000\r\n\
+        a=ice-ufrag:abcd\r\na=ice-pwd:0123456789abcdefghijklmn\r\n\
+        a=fingerprint:sha-256 AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99\r\n\
+        a=setup:actpass\r\n";
+
+    #[test]
+    fn an_offer_is_answered_like_recv_peer_does() {
+        let candidate = RemoteCandidate {
+            candidate: "candidate:1 1 udp 2130706431 127.0.0.1 50000 typ host".into(),
+            sdp_mid: Some("0".into()),
+            sdp_mline_index: Some(0),
+        };
+        for _ in 0..2 {
+            // The second connection reuses the first one's certificate.
+            let answer = answer_offer(OFFER, std::slice::from_ref(&candidate)).unwrap();
+            assert!(answer.contains("a=mid:0") && answer.contains("opus/48000"), "{answer}");
+            assert!(answer.contains("a=recvonly"), "{answer}");
+        }
+        assert!(answer_offer("v=0\r\n", &[]).is_err());
+    }
+
+    #[test]
+    fn rtcp_reaches_the_application_as_its_sender_reports() {
+        let sr = SenderReport { ssrc: 7, ntp_time: 1 << 32, rtp_time: 90, ..Default::default() };
+        let (out, delivered) =
+            rtcp_for_application(vec![Box::new(ReceiverReport::default()), Box::new(sr.clone())]).unwrap();
+        assert!(delivered);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].as_any().downcast_ref::<SenderReport>(), Some(&sr));
+        assert!(rtcp_for_application(vec![Box::new(ReceiverReport::default())]).is_none());
+    }
+}
