@@ -42,10 +42,10 @@ for t in $targets; do
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 "${dict[@]}" \
     >"$log" 2>&1 || status=$?
   # libFuzzer's last status line ("#N DONE cov: .. ft: .. corp: ..") and its final stats.
-  last=$(grep -aE '^#[0-9]+ ' "$log" | tail -n 1 || true)
-  runs=$(grep -aoE 'stat::number_of_executed_units: [0-9]+' "$log" | grep -oE '[0-9]+$' || true)
-  rate=$(grep -aoE 'stat::average_exec_per_sec: [0-9]+' "$log" | grep -oE '[0-9]+$' || true)
-  rss=$(grep -aoE 'stat::peak_rss_mb: [0-9]+' "$log" | grep -oE '[0-9]+$' || true)
+  last=$(grep -aE '^#[0-9]+[[:space:]]' "$log" | tail -n 1 || true)
+  runs=$(grep -aoE 'stat::number_of_executed_units: +[0-9]+' "$log" | grep -oE '[0-9]+$' || true)
+  rate=$(grep -aoE 'stat::average_exec_per_sec: +[0-9]+' "$log" | grep -oE '[0-9]+$' || true)
+  rss=$(grep -aoE 'stat::peak_rss_mb: +[0-9]+' "$log" | grep -oE '[0-9]+$' || true)
   cov=$(grep -oE 'cov: [0-9]+' <<<"$last" | grep -oE '[0-9]+' || true)
   ft=$(grep -oE 'ft: [0-9]+' <<<"$last" | grep -oE '[0-9]+' || true)
   corp=$(grep -oE 'corp: [0-9]+/[0-9]+[a-zA-Z]*' <<<"$last" | cut -d' ' -f2 || true)
