@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test deps test-deps build bench clean-state
+.PHONY: demo test deps test-deps build bench fuzz clean-state
 
 deps:
 	bash deploy/dev/install-deps.sh
@@ -28,6 +28,11 @@ test: test-deps
 # Composite speed against the ffmpeg CLI running the same filtergraph (prints a table).
 bench: deps
 	$(CARGO) bench -p transcoder --bench composite
+
+# Coverage-guided fuzzing of the parsers (cargo-fuzz, nightly): every target in fuzz/ for
+# FUZZ_SECONDS (default 60) each; fails when one finds a crash. See docs/dev/fuzzing.md.
+fuzz: deps
+	bash deploy/dev/fuzz.sh
 
 clean-state:
 	rm -rf data

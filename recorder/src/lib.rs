@@ -7,7 +7,8 @@
 //! `pipeline` (one recording's state: writers, timeline, uploads; the finalizer), `import` (the file
 //! adapter), `export` (re-rendering a stored recording), `http` (the one HTTP server: share
 //! links, /healthz, /metrics), `voip1` (pure 1:1 signalling machines), `rtp` (the receive path),
-//! `peer` (the WebRTC edge), `bot` (the Matrix account, call runtime and per-call tasks).
+//! `peer` (the WebRTC edge), `bot` (the Matrix account, call runtime and per-call tasks);
+//! `fuzzing` (hidden) opens private paths to the fuzz targets in `fuzz/`.
 
 // matrix-sdk's sync future is deep enough to overflow the default limit when checking `Send`.
 #![recursion_limit = "256"]
@@ -16,6 +17,8 @@ pub mod bot;
 pub mod cli_import;
 pub mod config;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod import;
 pub mod logging;

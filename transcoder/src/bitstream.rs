@@ -3,6 +3,8 @@
 //! also rejects frames that cannot be what they claim to be (truncated, wrong framing), so a
 //! garbage frame is refused before it reaches a segment.
 
+use crate::Codec;
+
 /// What the writer needs from one frame of a given codec.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct FrameFacts {
@@ -21,6 +23,17 @@ pub(crate) struct FrameFacts {
 }
 
 pub(crate) type ParseResult = Result<FrameFacts, String>;
+
+/// Reads one frame of `codec`; `keyframe` is the sender's flag, which only AV1 needs.
+pub(crate) fn parse(codec: Codec, data: &[u8], keyframe: bool) -> ParseResult {
+    match codec {
+        Codec::Opus => opus(data),
+        Codec::Vp8 => vp8(data),
+        Codec::Vp9 => vp9(data),
+        Codec::H264 => h264(data),
+        Codec::Av1 => av1(data, keyframe),
+    }
+}
 
 pub(crate) fn vp8(data: &[u8]) -> ParseResult {
     if data.len() < 3 {

@@ -317,7 +317,7 @@ fn plan(spec: &CompositeSpec) -> Plan {
     if has_video {
         for w in cuts.windows(2) {
             let span = Interval::new(w[0], w[1]);
-            let mid = (w[0] + w[1]) / 2;
+            let mid = midpoint(w[0], w[1]);
             let here: Vec<&str> = spec
                 .participants
                 .iter()
@@ -375,7 +375,7 @@ fn plan(spec: &CompositeSpec) -> Plan {
                     *i == ti
                         && act
                             .iter()
-                            .any(|a| a.contains((e.span.start_us + e.span.end_us) / 2))
+                            .any(|a| a.contains(midpoint(e.span.start_us, e.span.end_us)))
                 })
             {
                 continue;
@@ -405,6 +405,12 @@ fn plan(spec: &CompositeSpec) -> Plan {
         video,
         audio,
     }
+}
+
+/// The middle of `[a, b]` (`a <= b`) without overflowing: spans come from manifests, whose
+/// offsets can be anything up to `i64::MAX`.
+fn midpoint(a: i64, b: i64) -> i64 {
+    a + (b - a) / 2
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1460,6 +1466,31 @@ mod tests {
     fn escaping_survives_both_levels() {
         assert_eq!(escape_value("a:b"), "a\\\\:b");
         assert_eq!(escape_value("O'Neil, [x]"), "O\\\\\\'Neil\\, \\[x\\]");
+    }
+
+    #[test]
+    fn spans_near_the_end_of_the_clock_do_not_overflow() {
+        // Seen while writing the manifest fuzz target and confirmed with it: a manifest whose
+        // call ends past 4.6e18 µs, with a presence after that point, overflowed the midpoint of
+        // an epoch (a panic in debug builds, a misplaced layout in release ones).
+        let mut spec = CompositeSpec::new(9_000_000_000_000_000_000);
+        spec.participants.push(CompositeParticipant {
+            id: "a".into(),
+            display_name: "A".into(),
+            present: vec![Interval::new(8_000_000_000_000_000_000, 9_000_000_000_000_000_000)],
+            not_recorded: vec![],
+        });
+        spec.tracks.push(CompositeTrack {
+            participant_id: "a".into(),
+            kind: MediaKind::Video,
+            source: TrackSource::Camera,
+            codec: Codec::Vp8,
+            segments: vec!["/nonexistent.webm".into()],
+            muted: vec![],
+        });
+        let g = filtergraph(&spec);
+        assert!(g.contains("[vout]") && g.contains("[aout]"));
+        assert_eq!(midpoint(i64::MAX - 1, i64::MAX), i64::MAX - 1);
     }
 
     #[test]

@@ -28,6 +28,18 @@ pub use track_writer::{
     EncodedFrame, SegmentInfo, TrackWriter, TrackWriterConfig, TrackWriterStats,
 };
 
+/// Entry points for the fuzz targets in `fuzz/` (docs/dev/fuzzing.md); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::{bitstream, Codec};
+
+    /// What a segment writer's frame check makes of one frame: `Ok(keyframe)` as the bitstream
+    /// says, or why the writer refuses the frame.
+    pub fn check_frame(codec: Codec, data: &[u8], keyframe: bool) -> Result<bool, String> {
+        bitstream::parse(codec, data, keyframe).map(|facts| facts.keyframe)
+    }
+}
+
 /// Initialises libav* once; every public entry point calls it, so callers never have to.
 pub fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();

@@ -252,13 +252,7 @@ impl TrackWriter {
         if frame.pts_us < 0 {
             return Err(self.invalid(frame.pts_us, "pts before the recording epoch"));
         }
-        let parsed = match self.cfg.codec {
-            Codec::Opus => bitstream::opus(&frame.data),
-            Codec::Vp8 => bitstream::vp8(&frame.data),
-            Codec::Vp9 => bitstream::vp9(&frame.data),
-            Codec::H264 => bitstream::h264(&frame.data),
-            Codec::Av1 => bitstream::av1(&frame.data, frame.keyframe),
-        };
+        let parsed = bitstream::parse(self.cfg.codec, &frame.data, frame.keyframe);
         let facts = parsed.map_err(|reason| self.invalid(frame.pts_us, reason))?;
         if facts.keyframe != frame.keyframe && self.cfg.codec != Codec::Opus {
             tracing::debug!(

@@ -1465,6 +1465,9 @@ impl KeyRouter {
             if let Some(victim) = victim {
                 tracing::warn!(room = %self.room_id, user = %victim.0, device = %victim.1, "held media keys dropped: too many devices without membership");
                 self.keys.remove(&victim);
+                // Its newest `sent_ts` per index goes too, or claiming ever new device ids
+                // (to-device senders pick them freely) would grow that map without bound.
+                self.latest_sent.retain(|(user, device, _), _| (user, device) != (&victim.0, &victim.1));
             }
         }
     }
@@ -2569,6 +2572,19 @@ mod tests {
         r.set_own_device(BOT, "BOTDEV");
         let own = parse_to_device_keys(BOT, &to_device_key("BOTDEV", 0, &[1u8; 16], T0)).unwrap();
         assert_eq!(r.handle_keys(own, T0).unwrap().own, 1);
+    }
+
+    #[test]
+    fn keys_from_ever_new_unknown_devices_stay_bounded() {
+        // Each to-device event claims another device that never joins: the held keys are capped,
+        // and so must be everything else kept about those devices.
+        let mut r = KeyRouter::new(ROOM);
+        for i in 0..(4 * MAX_UNKNOWN_DEVICES as u64) {
+            let c = to_device_key(&format!("D{i}"), (i % 4) as u8, &[1u8; 16], T0 + i);
+            r.handle_keys(parse_to_device_keys(ALICE, &c).unwrap(), T0).unwrap();
+        }
+        assert!(r.keys.len() <= MAX_UNKNOWN_DEVICES);
+        assert!(r.latest_sent.len() <= MAX_UNKNOWN_DEVICES, "{} sent_ts entries kept", r.latest_sent.len());
     }
 
     #[test]

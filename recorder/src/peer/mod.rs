@@ -24,7 +24,7 @@
 //! ```
 
 mod handler;
-mod sr_forwarder;
+pub(crate) mod sr_forwarder;
 mod track;
 
 use std::collections::HashMap;
@@ -39,7 +39,7 @@ use transcoder::{Codec, EncodedFrame, MediaKind};
 use webrtc::peer_connection::{
     register_default_interceptors, MediaEngine, PeerConnection, PeerConnectionBuilder,
     PeerConnectionEventHandler, RTCConfigurationBuilder, RTCIceCandidateInit,
-    RTCIceGatheringState, RTCSessionDescription, Registry, SettingEngineBuilder,
+    RTCIceGatheringState, RTCSessionDescription, Registry, SettingEngine, SettingEngineBuilder,
 };
 
 pub use webrtc::peer_connection::RTCIceServer as IceServer;
@@ -234,15 +234,7 @@ impl RecvPeer {
         tokio::spawn(forward_control(control_rx, media_tx));
 
         let build = |e: webrtc::error::Error| PeerError::Build(e.to_string());
-        let mut media_engine = MediaEngine::default();
-        media_engine.register_default_codecs().map_err(build)?;
-        let registry = register_default_interceptors(Registry::new(), &mut media_engine)
-            .map_err(build)?
-            .with(Slot::from(sr_forwarder::SLOT), sr_forwarder::SrForwarder::default());
-        // mDNS off: the default binds port 5353 per connection (two peers collide), and a server
-        // cannot resolve a browser's `.local` candidates anyway.
-        let settings =
-            SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled).build();
+        let ConnectionParts { media_engine, registry, settings } = connection_parts().map_err(build)?;
         let handler: Arc<dyn PeerConnectionEventHandler> = Arc::new(Handler::new(shared.clone()));
         let pc = PeerConnectionBuilder::new()
             .with_configuration(
@@ -391,6 +383,26 @@ impl Drop for RecvPeer {
             }
         }
     }
+}
+
+/// What every receive-only connection is built from: the default codecs, the default
+/// interceptors plus [`sr_forwarder::SrForwarder`], and the settings. One function, so that the
+/// fuzz target applies offers to a connection configured exactly like the real ones.
+pub(crate) struct ConnectionParts {
+    pub media_engine: MediaEngine,
+    pub registry: Registry,
+    pub settings: SettingEngine,
+}
+
+pub(crate) fn connection_parts() -> Result<ConnectionParts, webrtc::error::Error> {
+    let mut media_engine = MediaEngine::default();
+    media_engine.register_default_codecs()?;
+    let registry = register_default_interceptors(Registry::new(), &mut media_engine)?
+        .with(Slot::from(sr_forwarder::SLOT), sr_forwarder::SrForwarder::default());
+    // mDNS off: the default binds port 5353 per connection (two peers collide), and a server
+    // cannot resolve a browser's `.local` candidates anyway.
+    let settings = SettingEngineBuilder::new().with_multicast_dns_mode(MulticastDnsMode::Disabled).build();
+    Ok(ConnectionParts { media_engine, registry, settings })
 }
 
 /// Moves control outputs onto the (bounded) output channel, in order.

@@ -18,7 +18,7 @@ use rtc::sansio::Protocol;
 pub(super) const SLOT: usize = 14_000;
 
 #[derive(Default)]
-pub(super) struct SrForwarder {
+pub(crate) struct SrForwarder {
     read_queue: VecDeque<TaggedPacket>,
     write_queue: VecDeque<TaggedPacket>,
 }

@@ -22,7 +22,7 @@
 mod clock;
 mod depack;
 mod receiver;
-mod reorder;
+pub(crate) mod reorder;
 mod unwrap;
 
 #[cfg(test)]
