@@ -153,6 +153,12 @@ fuzz_target!(|data: &[u8]| {
     cfg.max_packets = max_packets;
     cfg.max_delay = max_delay;
     cfg.drop_until_keyframe_after_loss = flags & 1 != 0;
+    // The hold for the first Sender Report: the default (6 s, 16 MiB), none, or a tiny byte bound.
+    if flags & 2 != 0 {
+        cfg.sender_report_wait = Duration::ZERO;
+    } else if flags & 4 != 0 {
+        cfg.max_held_bytes = 256;
+    }
     let video = codec.kind() == MediaKind::Video;
     let mut rx = TrackReceiver::new(cfg);
     let mut mirror = Mirror {
