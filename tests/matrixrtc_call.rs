@@ -1395,6 +1395,14 @@ async fn room_commands_steer_a_matrixrtc_call() {
     let at_s = |action: &str| m.control.iter().find(|c| c.action == action).unwrap().at_us;
     let (out0, out1, p0, p1) = (at_s("optout"), at_s("optin"), at_s("pause"), at_s("resume"));
     let bob_p = person(m, b);
+    eprintln!("control (µs): {:?}", m.control.iter().map(|c| (c.action.as_str(), c.at_us)).collect::<Vec<_>>());
+    for p in &m.participants {
+        eprintln!("participant {} ({}): present {:?}, opted out {:?}", p.id, p.user_id, p.present, p.opted_out);
+    }
+    for t in &m.tracks {
+        let spans: Vec<(i64, i64)> = t.segments.iter().map(|x| (x.start_us, x.end_us)).collect();
+        eprintln!("track {} of {}: segments {spans:?}", t.id, t.participant);
+    }
     assert_eq!(bob_p.opted_out.len(), 1, "one opt-out span for Bob: {:?}", bob_p.opted_out);
     assert_eq!((bob_p.opted_out[0].start_us, bob_p.opted_out[0].end_us), (out0, Some(out1)));
     assert_eq!(m.pauses.len(), 1);

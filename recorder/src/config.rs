@@ -274,6 +274,26 @@ pub struct WebrtcConfig {
     /// Credentials for the TURN servers in `ice_servers`.
     pub turn_username: Option<String>,
     pub turn_password: Option<String>,
+    /// Bounds on what a 1:1 caller's `m.call.*` events may hold; past them an event is rejected
+    /// (and logged) as a whole, and a call's candidates past `max_candidates_per_call` are
+    /// dropped. The homeserver already caps an event at 64 KiB; these keep a call's total and
+    /// what reaches the WebRTC stack small.
+    pub max_sdp_bytes: usize,
+    pub max_candidates_per_event: usize,
+    pub max_candidate_bytes: usize,
+    pub max_candidates_per_call: usize,
+}
+
+impl WebrtcConfig {
+    /// The 1:1 signalling machine's settings with these bounds.
+    pub fn voip1(&self) -> crate::voip1::Voip1Config {
+        let mut cfg = crate::voip1::Voip1Config::default();
+        cfg.max_remote_candidates = self.max_candidates_per_call;
+        cfg.limits.max_sdp_bytes = self.max_sdp_bytes;
+        cfg.limits.max_candidates_per_event = self.max_candidates_per_event;
+        cfg.limits.max_candidate_bytes = self.max_candidate_bytes;
+        cfg
+    }
 }
 
 impl Default for WebrtcConfig {
@@ -283,6 +303,10 @@ impl Default for WebrtcConfig {
             ice_servers: Vec::new(),
             turn_username: None,
             turn_password: None,
+            max_sdp_bytes: 256 * 1024,
+            max_candidates_per_event: 100,
+            max_candidate_bytes: 1024,
+            max_candidates_per_call: 200,
         }
     }
 }
@@ -478,6 +502,16 @@ impl Config {
         for u in &self.webrtc.ice_servers {
             if !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")) {
                 bad("webrtc.ice_servers", format!("`{u}` is not a stun:/turn:/turns: URL"));
+            }
+        }
+        for (key, v) in [
+            ("webrtc.max_sdp_bytes", self.webrtc.max_sdp_bytes),
+            ("webrtc.max_candidates_per_event", self.webrtc.max_candidates_per_event),
+            ("webrtc.max_candidate_bytes", self.webrtc.max_candidate_bytes),
+            ("webrtc.max_candidates_per_call", self.webrtc.max_candidates_per_call),
+        ] {
+            if v == 0 {
+                bad(key, "must be at least 1".into());
             }
         }
         let c = &self.control;
@@ -689,6 +723,25 @@ mod tests {
         let problems: Vec<_> = cfg.validate().into_iter().filter(|p| p.key.starts_with("http.")).collect();
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems.iter().all(|p| p.key == "http.openid_homeservers.\"bad name/x\""), "{problems:?}");
+    }
+
+    #[test]
+    fn call_event_limits_reach_the_signalling_machine_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.toml");
+        std::fs::write(&path, "[webrtc]\nmax_sdp_bytes = 4096\nmax_candidates_per_call = 5\n").unwrap();
+        let cfg = with_env(&[], || Config::load(Some(&path))).unwrap();
+        let v = cfg.webrtc.voip1();
+        assert_eq!((v.limits.max_sdp_bytes, v.max_remote_candidates), (4096, 5));
+        assert_eq!(v.limits.max_candidates_per_event, 100, "the others keep their defaults");
+        let defaults = WebrtcConfig::default().voip1();
+        assert_eq!(defaults.limits, crate::voip1::Voip1Config::default().limits);
+        assert_eq!(defaults.max_remote_candidates, crate::voip1::Voip1Config::default().max_remote_candidates);
+
+        let mut c = Config::default();
+        c.webrtc.max_candidates_per_event = 0;
+        let keys: Vec<_> = c.validate_bot().into_iter().map(|p| p.key).collect();
+        assert!(keys.contains(&"webrtc.max_candidates_per_event".to_string()), "{keys:?}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use super::messages;
 use super::outbox::{Outboxes, Outgoing};
 use super::BotContext;
 use crate::voip1::{
-    self, Action, IgnoreReason, Input, Output, PartyId, PeerCommand, RecordAction, UnixMs, Voip1Calls, Voip1Config,
+    self, Action, IgnoreReason, Input, Output, PartyId, PeerCommand, RecordAction, UnixMs, Voip1Calls,
 };
 
 /// A room event of an `m.call.*` type, as the sync handler saw it (already cut down to what the
@@ -43,7 +43,7 @@ pub fn now() -> UnixMs {
 impl Runtime {
     pub fn new(ctx: Arc<BotContext>) -> Self {
         let calls = Voip1Calls::new(
-            Voip1Config::default(),
+            ctx.config.webrtc.voip1(),
             voip1::UserId(ctx.user_id.to_string()),
             PartyId(ctx.device_id.to_string()),
         );
