@@ -123,6 +123,8 @@ struct Media {
     early: Vec<(usize, SfuTrack, EncodedFrame)>,
     early_since: Option<Instant>,
     early_bytes: usize,
+    /// The slots that have a frame in `early` (checked on every held frame, so not a scan).
+    early_slots: HashSet<(usize, SfuTrack)>,
     slots: HashMap<(usize, SfuTrack), Slot>,
     /// Matrix members by LiveKit identity.
     members: HashMap<String, Member>,
@@ -205,6 +207,7 @@ impl RtcCallTask {
             early: Vec::new(),
             early_since: None,
             early_bytes: 0,
+            early_slots: HashSet::new(),
             slots: HashMap::new(),
             members: self.members.iter().map(|m| (m.identity.clone(), m.clone())).collect(),
             present: HashMap::new(),
@@ -561,6 +564,7 @@ impl Media {
         };
         if self.recording.is_none() {
             self.early_bytes += frame.data.len();
+            self.early_slots.insert((conn, track));
             self.early.push((conn, track, frame));
             self.early_since.get_or_insert_with(Instant::now);
             if self.ready_to_start() {
@@ -575,7 +579,7 @@ impl Media {
     fn ready_to_start(&self) -> bool {
         let waited = self.early_since.is_some_and(|t| t.elapsed() >= super::super::START_WAIT);
         let all_started = self.slots.iter().all(|(key, s)| {
-            s.ended || s.remote.muted || s.undecryptable_before_start || self.early.iter().any(|(c, t, _)| (*c, *t) == *key)
+            s.ended || s.remote.muted || s.undecryptable_before_start || self.early_slots.contains(key)
         });
         all_started || waited || self.early_bytes > MAX_EARLY_BYTES
     }
@@ -585,6 +589,7 @@ impl Media {
         let mut early = std::mem::take(&mut self.early);
         self.early_since = None;
         self.early_bytes = 0;
+        self.early_slots.clear();
         let Some(zero) = early.iter().map(|(_, _, f)| f.pts_us).min() else { return };
         if let Err(e) = self.start_recording(zero).await {
             let reason = format!("starting the recording: {e:#}");
