@@ -32,6 +32,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "webrtc",
     "matrixrtc",
     "control",
+    "whip",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +52,7 @@ pub struct Config {
     pub webrtc: WebrtcConfig,
     pub matrixrtc: MatrixRtcConfig,
     pub control: ControlConfig,
+    pub whip: WhipConfig,
 }
 
 impl Default for Config {
@@ -68,6 +70,7 @@ impl Default for Config {
             webrtc: WebrtcConfig::default(),
             matrixrtc: MatrixRtcConfig::default(),
             control: ControlConfig::default(),
+            whip: WhipConfig::default(),
         }
     }
 }
@@ -285,6 +288,32 @@ pub struct WebrtcConfig {
 }
 
 impl WebrtcConfig {
+    fn validate(&self, bad: &mut impl FnMut(&str, String)) {
+        if self.bind_addrs.is_empty() {
+            bad("webrtc.bind_addrs", "needs at least one address".into());
+        }
+        for a in &self.bind_addrs {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                bad("webrtc.bind_addrs", format!("`{a}` is not an address like 0.0.0.0:0"));
+            }
+        }
+        for u in &self.ice_servers {
+            if !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")) {
+                bad("webrtc.ice_servers", format!("`{u}` is not a stun:/turn:/turns: URL"));
+            }
+        }
+        for (key, v) in [
+            ("webrtc.max_sdp_bytes", self.max_sdp_bytes),
+            ("webrtc.max_candidates_per_event", self.max_candidates_per_event),
+            ("webrtc.max_candidate_bytes", self.max_candidate_bytes),
+            ("webrtc.max_candidates_per_call", self.max_candidates_per_call),
+        ] {
+            if v == 0 {
+                bad(key, "must be at least 1".into());
+            }
+        }
+    }
+
     /// The 1:1 signalling machine's settings with these bounds.
     pub fn voip1(&self) -> crate::voip1::Voip1Config {
         let mut cfg = crate::voip1::Voip1Config::default();
@@ -370,6 +399,60 @@ impl Default for ControlConfig {
             commands_per_room_per_minute: 30,
             invites_per_user_per_hour: 20,
             members_only_links: false,
+        }
+    }
+}
+
+/// WHIP ingest (RFC 9725): any WHIP publisher (OBS, GStreamer, a browser) POSTs an SDP offer to
+/// `<http.public_url>/whip/<name>` with the bearer token and is recorded like a call's participant.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WhipConfig {
+    /// Off by default: the endpoint answers 404 until this is set.
+    pub enabled: bool,
+    /// The token every WHIP request must carry (`Authorization: Bearer …`); at least 16
+    /// characters. Prefer the environment for it: `MXREC_WHIP__BEARER_TOKEN`.
+    pub bearer_token: Option<String>,
+    /// Sessions at once; one more is refused with 503.
+    pub max_sessions: usize,
+    /// A session whose media connection is not up this long after the answer is dropped.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for WhipConfig {
+    fn default() -> Self {
+        Self { enabled: false, bearer_token: None, max_sessions: 50, connect_timeout_secs: 30 }
+    }
+}
+
+impl std::fmt::Debug for WhipConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhipConfig")
+            .field("enabled", &self.enabled)
+            .field("bearer_token", &self.bearer_token.as_ref().map(|_| "<redacted>"))
+            .field("max_sessions", &self.max_sessions)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .finish()
+    }
+}
+
+impl WhipConfig {
+    fn validate(&self, bad: &mut impl FnMut(&str, String)) {
+        if !self.enabled {
+            return;
+        }
+        match self.bearer_token.as_deref() {
+            None => bad("whip.bearer_token", "is required when whip.enabled is set".into()),
+            Some(t) if t.chars().count() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                bad("whip.bearer_token", "must be at least 16 characters without spaces".into())
+            }
+            Some(_) => {}
+        }
+        if self.max_sessions == 0 {
+            bad("whip.max_sessions", "must be at least 1".into());
+        }
+        if self.connect_timeout_secs == 0 {
+            bad("whip.connect_timeout_secs", "must be at least 1".into());
         }
     }
 }
@@ -491,29 +574,7 @@ impl Config {
                 bad("matrix.allowed_inviters", format!("`{who}` is not a user id, a server name or `*`"));
             }
         }
-        if self.webrtc.bind_addrs.is_empty() {
-            bad("webrtc.bind_addrs", "needs at least one address".into());
-        }
-        for a in &self.webrtc.bind_addrs {
-            if a.parse::<std::net::SocketAddr>().is_err() {
-                bad("webrtc.bind_addrs", format!("`{a}` is not an address like 0.0.0.0:0"));
-            }
-        }
-        for u in &self.webrtc.ice_servers {
-            if !(u.starts_with("stun:") || u.starts_with("turn:") || u.starts_with("turns:")) {
-                bad("webrtc.ice_servers", format!("`{u}` is not a stun:/turn:/turns: URL"));
-            }
-        }
-        for (key, v) in [
-            ("webrtc.max_sdp_bytes", self.webrtc.max_sdp_bytes),
-            ("webrtc.max_candidates_per_event", self.webrtc.max_candidates_per_event),
-            ("webrtc.max_candidate_bytes", self.webrtc.max_candidate_bytes),
-            ("webrtc.max_candidates_per_call", self.webrtc.max_candidates_per_call),
-        ] {
-            if v == 0 {
-                bad(key, "must be at least 1".into());
-            }
-        }
+        self.webrtc.validate(&mut bad);
         let c = &self.control;
         for a in &c.admins {
             if !a.starts_with('@') || !a.contains(':') {
@@ -606,6 +667,11 @@ impl Config {
             bad("upload", e.to_string());
         }
         self.http.validate(&mut bad);
+        self.whip.validate(&mut bad);
+        if self.whip.enabled {
+            // WHIP sessions are peer connections like calls; `mxrec serve` records them too.
+            self.webrtc.validate(&mut bad);
+        }
         out
     }
 }

@@ -7,7 +7,8 @@
 //! `pipeline` (one recording's state: writers, timeline, uploads; the finalizer), `import` (the file
 //! adapter), `export` (re-rendering a stored recording), `http` (the one HTTP server: share
 //! links, /healthz, /metrics), `voip1` (pure 1:1 signalling machines), `rtp` (the receive path),
-//! `peer` (the WebRTC edge), `bot` (the Matrix account, call runtime and per-call tasks);
+//! `peer` (the WebRTC edge), `bot` (the Matrix account, call runtime and per-call tasks), `whip`
+//! (WHIP ingest: a publisher recorded like a call's participant);
 //! `fuzzing` (hidden) opens private paths to the fuzz targets in `fuzz/`.
 
 // matrix-sdk's sync future is deep enough to overflow the default limit when checking `Send`.
@@ -27,4 +28,5 @@ pub mod peer;
 pub mod pipeline;
 pub mod timeline;
 pub mod voip1;
+pub mod whip;
 pub mod rtp;

@@ -255,7 +255,19 @@ fn check_http_config(config: &Config) -> Result<()> {
 
 async fn serve(config: &Config) -> Result<()> {
     check_http_config(config)?;
-    let state = recorder::http::HttpState::open(config).await?;
+    // With WHIP ingest this process records too: the whole recording environment.
+    let (state, env) = if config.whip.enabled {
+        let env = std::sync::Arc::new(recorder::pipeline::Env::open(config).await?);
+        let signer = storage::store::build_signer(&config.storage)
+            .context("preparing URL presigning for the object store")?;
+        let mut state =
+            recorder::http::HttpState::new(env.catalog.clone(), env.store.clone(), signer, config.http.clone());
+        state.whip = recorder::whip::Whip::start(env.clone());
+        (state, Some(env))
+    } else {
+        (recorder::http::HttpState::open(config).await?, None)
+    };
+    let whip = state.whip.clone();
     let catalog = state.catalog.clone();
     let listener = tokio::net::TcpListener::bind(&config.http.bind)
         .await
@@ -264,6 +276,15 @@ async fn serve(config: &Config) -> Result<()> {
     tracing::info!(%addr, public_url = %config.http.public_url, "HTTP server listening");
     println!("listening: http://{addr}");
     let served = recorder::http::serve(listener, state, recorder::http::shutdown_signal()).await;
+    if let Some(w) = whip {
+        w.shutdown(recorder::whip::SHUTDOWN_GRACE).await;
+    }
+    if let Some(env) = env {
+        match std::sync::Arc::try_unwrap(env) {
+            Ok(env) => env.shutdown().await,
+            Err(_) => tracing::warn!("recordings still hold the environment; pending uploads resume at the next start"),
+        }
+    }
     catalog.close().await;
     served.with_context(|| format!("serving HTTP on {addr}"))
 }

@@ -532,7 +532,10 @@ impl Recording {
             return Err(anyhow!("track {track} is already finished"));
         };
         self.last_us = self.last_us.max(frame.pts_us);
-        let closed = match writer.write(frame) {
+        let started = std::time::Instant::now();
+        let written = writer.write(frame);
+        metrics::histogram!(crate::http::metrics::FRAME_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+        let closed = match written {
             Ok(closed) => closed,
             Err(e) => {
                 state.rejected_frames += 1;

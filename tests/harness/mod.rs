@@ -542,6 +542,11 @@ impl MxrecRun {
     /// warnings for matrix-sdk (errors only for its crypto crate, which warns about the missing
     /// key backup at every room key).
     pub fn start(cwd: &Path, config: &Path) -> Self {
+        Self::start_command(cwd, config, "run")
+    }
+
+    /// Starts `mxrec <command>` (`run`, `serve`) in `cwd`, as [`MxrecRun::start`] does.
+    pub fn start_command(cwd: &Path, config: &Path, command: &str) -> Self {
         use std::io::BufRead;
         use std::process::Stdio;
         let stderr_path = cwd.join("mxrec.stderr.log");
@@ -556,7 +561,7 @@ impl MxrecRun {
             .current_dir(cwd)
             .arg("--config")
             .arg(config)
-            .arg("run")
+            .arg(command)
             .env("RUST_LOG", log)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

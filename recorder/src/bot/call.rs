@@ -207,7 +207,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-fn ice_servers(cfg: &crate::config::WebrtcConfig) -> Vec<IceServer> {
+pub(crate) fn ice_servers(cfg: &crate::config::WebrtcConfig) -> Vec<IceServer> {
     if cfg.ice_servers.is_empty() {
         return Vec::new();
     }
@@ -392,10 +392,7 @@ impl CallMedia {
             }
             PeerOutput::Stats { track, stats } => {
                 if let Some(slot) = self.slots.get_mut(&track) {
-                    let (new, old) = (stats.receiver, slot.last_stats.receiver);
-                    metrics::counter!(m::RTP_PACKETS_RECEIVED).increment(new.packets_received.saturating_sub(old.packets_received));
-                    metrics::counter!(m::RTP_BYTES_RECEIVED).increment(new.payload_bytes.saturating_sub(old.payload_bytes));
-                    metrics::counter!(m::RTP_PACKETS_LOST).increment(new.lost.saturating_sub(old.lost));
+                    m::count_track_stats(&stats, &slot.last_stats);
                     slot.last_stats = stats;
                     slot.span.in_scope(|| debug!(?stats, "track stats"));
                 }

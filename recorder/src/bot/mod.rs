@@ -204,6 +204,8 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     let signer = storage::store::build_signer(&config.storage).context("preparing URL presigning for the object store")?;
     let mut http = HttpState::new(env.catalog.clone(), env.store.clone(), signer, config.http.clone());
     http.membership = Some(Arc::new(BotMembership { client: client.clone() }));
+    let whip = crate::whip::Whip::start(env.clone());
+    http.whip = whip.clone();
     let links = http.links.clone();
     let listener = tokio::net::TcpListener::bind(&config.http.bind)
         .await
@@ -291,6 +293,9 @@ pub async fn run(config: Config, shutdown: impl std::future::Future<Output = ()>
     }
     if let Some(c) = control {
         c.abort();
+    }
+    if let Some(w) = whip {
+        w.shutdown(crate::whip::SHUTDOWN_GRACE).await;
     }
     // A recovery still running may finish; one cut short is taken up again at the next start.
     match tokio::time::timeout(RECOVERY_AT_SHUTDOWN, recovery).await {

@@ -60,6 +60,10 @@ pub async fn prepare(ctx: &BotContext, outboxes: &mut Outboxes, rtc: &mpsc::Send
                 continue;
             }
         };
+        if call.flavour == CallFlavour::Whip {
+            // No room to tell: the WHIP side finishes these itself (`crate::whip`).
+            continue;
+        }
         let Ok(room) = OwnedRoomId::try_from(call.room_id.as_str()) else {
             warn!(recording = %row.id, room = %call.room_id, "an unfinished recording of a room id Matrix rejects; left as it is");
             continue;

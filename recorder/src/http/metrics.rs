@@ -8,7 +8,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{describe_counter, describe_gauge, Unit};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing::warn;
 
@@ -22,6 +22,9 @@ pub const RTP_BYTES_RECEIVED: &str = "mxrec_rtp_bytes_received_total";
 pub const RTP_PACKETS_RECEIVED: &str = "mxrec_rtp_packets_received_total";
 /// RTP packets never received (sequence gaps left after retransmission).
 pub const RTP_PACKETS_LOST: &str = "mxrec_rtp_packets_lost_total";
+/// Time to write one frame into its track's segment file (closing the segment when the frame
+/// starts a new one), in seconds: a Prometheus summary.
+pub const FRAME_WRITE_SECONDS: &str = "mxrec_frame_write_seconds";
 /// Segments closed by the track writers.
 pub const SEGMENTS_WRITTEN: &str = "mxrec_segments_written_total";
 /// Emitted by the storage crate's uploader.
@@ -93,6 +96,7 @@ fn describe_metrics() {
         describe_counter!(name, unit, help);
         metrics::counter!(name).increment(0);
     }
+    describe_histogram!(FRAME_WRITE_SECONDS, Unit::Seconds, "Time to write one frame into its segment file (closing a segment included).");
     describe_counter!(FRAMES_UNDECRYPTABLE, Unit::Count, "Encrypted media frames dropped undecrypted, by cause.");
     for cause in UNDECRYPTABLE_CAUSES {
         metrics::counter!(FRAMES_UNDECRYPTABLE, "cause" => cause).increment(0);
@@ -101,6 +105,14 @@ fn describe_metrics() {
     for outcome in LINK_OUTCOMES {
         metrics::counter!(LINK_FETCHES, "outcome" => outcome).increment(0);
     }
+}
+
+/// Adds what a track received since its last stats (`old`) to the RTP counters.
+pub(crate) fn count_track_stats(new: &crate::peer::TrackStats, old: &crate::peer::TrackStats) {
+    let (new, old) = (new.receiver, old.receiver);
+    metrics::counter!(RTP_PACKETS_RECEIVED).increment(new.packets_received.saturating_sub(old.packets_received));
+    metrics::counter!(RTP_BYTES_RECEIVED).increment(new.payload_bytes.saturating_sub(old.payload_bytes));
+    metrics::counter!(RTP_PACKETS_LOST).increment(new.lost.saturating_sub(old.lost));
 }
 
 /// Counts one request on a share link.

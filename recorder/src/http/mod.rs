@@ -6,6 +6,7 @@
 //!   Matrix OpenID token ([`members`], [`openid`]).
 //! - `GET /healthz` — whether the catalog and the store answer ([`health`]).
 //! - `GET /metrics` — Prometheus text of everything mxrec emits ([`metrics`]).
+//! - `/whip/…` — WHIP ingest ([`crate::whip`]), when `whip.enabled`.
 //!
 //! [`router`] is the whole application over one shared [`HttpState`]; [`serve`] runs it on a
 //! listener until a shutdown future resolves, then lets open downloads finish for a bounded grace.
@@ -54,6 +55,8 @@ pub struct HttpState {
     pub membership: Option<Arc<dyn RoomMembership>>,
     pub(crate) openid: openid::OpenIdVerifier,
     pub(crate) grants: members::Grants,
+    /// WHIP ingest, when `whip.enabled` (its routes are mounted only then).
+    pub whip: Option<Arc<crate::whip::Whip>>,
     metrics: PrometheusHandle,
 }
 
@@ -75,6 +78,7 @@ impl HttpState {
             links,
             membership: None,
             grants: members::Grants::new(),
+            whip: None,
             metrics: install_metrics_recorder(),
         }
     }
@@ -95,12 +99,14 @@ impl HttpState {
 pub fn router(state: Arc<HttpState>) -> Router {
     let timeout = Duration::from_secs(state.config.request_timeout_secs);
     let body_limit = state.config.max_body_bytes;
+    let whip = state.whip.as_ref().map(|w| w.routes()).unwrap_or_default();
     Router::new()
         .route("/r/{token}", get(download::serve_link))
         .route("/r/{token}/openid", post(members::prove))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(metrics::render))
         .layer(DefaultBodyLimit::max(body_limit))
+        .merge(whip)
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
         .with_state(state)
 }
