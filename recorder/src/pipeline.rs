@@ -34,6 +34,12 @@ mod recovery;
 
 pub use storage::manifest::TrackSource;
 
+/// Finalizes tried per recording (the first one and the retries at later starts) before a failed
+/// recording is left failed for good.
+pub const FINALIZE_ATTEMPTS: usize = 3;
+/// The audit action of a failed finalize; its count is the number of attempts so far.
+const FINALIZE_FAILED: &str = "recording.finalize_failed";
+
 /// What all recordings of one process share.
 pub struct Env {
     pub config: Config,
@@ -82,6 +88,22 @@ impl Env {
             resumed: std::sync::Mutex::new(resumed),
             _spool_lock: spool_lock,
         })
+    }
+
+    /// The recordings a start finishes: those a previous run left in the recording or finalizing
+    /// state, and those whose finalize failed (the store away for longer than the upload retries,
+    /// say) fewer than [`FINALIZE_ATTEMPTS`] times. Their spooled files are still there; the
+    /// uploads [`Env::open`] queued again carry them to the store.
+    pub async fn recordings_to_finish(&self) -> Result<Vec<storage::catalog::Recording>> {
+        let mut rows = self.catalog.unfinished_recordings().await?;
+        for row in self.catalog.failed_recordings().await? {
+            let attempts = self.catalog.audit_events(&row.id).await?.iter().filter(|e| e.action == FINALIZE_FAILED).count();
+            if (1..FINALIZE_ATTEMPTS).contains(&attempts) {
+                info!(recording = %row.id, attempts, "retrying the finalize of a recording that failed it");
+                rows.push(row);
+            }
+        }
+        Ok(rows)
     }
 
     /// The outcome of an upload queued again at open, once.
@@ -603,8 +625,13 @@ impl Recording {
             let result = self.end_and_finalize(&close_errors).await;
             if let Err(e) = &result {
                 let reason = format!("{e:#}");
-                warn!(error = %reason, "finalize failed; spooled files are kept for a retry");
+                warn!(error = %reason, "finalize failed; spooled files are kept for a retry at the next start");
                 let _ = self.env.catalog.set_recording_state(&self.id, RecordingState::Failed, Some(&reason)).await;
+                let _ = self
+                    .env
+                    .catalog
+                    .audit("mxrec", FINALIZE_FAILED, Some(&self.id), serde_json::json!({ "reason": reason }))
+                    .await;
             }
             result
         }

@@ -468,6 +468,16 @@ impl Catalog {
         rows.iter().map(recording_from_row).collect()
     }
 
+    /// Recordings in the `failed` state, oldest first.
+    pub async fn failed_recordings(&self) -> Result<Vec<Recording>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RECORDING_COLS} FROM recordings WHERE state = 'failed' ORDER BY started_at_ms, id"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(recording_from_row).collect()
+    }
+
     /// The most recent recordings of a room, newest first.
     pub async fn recent_recordings(&self, room: &RoomId, limit: u32) -> Result<Vec<Recording>> {
         let rows = sqlx::query(AssertSqlSafe(format!(

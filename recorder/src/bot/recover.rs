@@ -40,7 +40,7 @@ struct StaleStatus {
 /// be recorded again (the runtime starts once the call state shows it still runs). Call before
 /// the call state is fed to the runtimes.
 pub async fn prepare(ctx: &BotContext, outboxes: &mut Outboxes, rtc: &mpsc::Sender<rtc::RtcInput>) -> Vec<Unfinished> {
-    let rows = match ctx.env.catalog.unfinished_recordings().await {
+    let rows = match ctx.env.recordings_to_finish().await {
         Ok(r) => r,
         Err(e) => {
             warn!(error = %e, "cannot list the recordings a previous run left unfinished");

@@ -325,6 +325,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+    use crate::pipeline::{FINALIZE_ATTEMPTS, FINALIZE_FAILED};
 
     /// Alice and Bob send VP8 + Opus; the recording is paused 2–3 s and Bob opts out at 4 s; at
     /// 6 s the process "dies": no writer is closed, no finalize runs. A new environment on the same
@@ -335,15 +336,7 @@ mod tests {
     async fn a_recording_cut_by_a_kill_is_finished_by_the_next_run() {
         const S: i64 = 1_000_000;
         let dir = tempfile::tempdir().unwrap();
-        let media = dir.path().join("in.webm");
-        let ok = std::process::Command::new("ffmpeg")
-            .args(["-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=15:duration=6"])
-            .args(["-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=6"])
-            .args(["-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8", "-g", "15", "-c:a", "libopus"])
-            .arg(&media)
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        let frames = test_frames(dir.path(), 6);
         let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
         config.storage.backend =
             storage::store::StoreBackend::Local(storage::store::LocalStoreConfig { root: dir.path().join("store") });
@@ -362,13 +355,6 @@ mod tests {
                 tracks.push((codec, id));
             }
         }
-        let mut file = crate::import::MediaFile::open(&media).unwrap();
-        let streams: HashMap<usize, Codec> = file.streams().iter().map(|s| (s.index, s.codec)).collect();
-        let mut frames = Vec::new();
-        while let Some(f) = file.next_frame().unwrap() {
-            frames.push((streams[&f.stream], f.frame));
-        }
-        frames.sort_by_key(|(_, f)| f.pts_us);
         for (codec, frame) in frames {
             let t = frame.pts_us;
             if t >= 2 * S && !rec.is_paused() && rec.timeline.pauses(t).is_empty() {
@@ -437,6 +423,97 @@ mod tests {
         assert!(audit.iter().any(|e| e.action == "recording.recovered"));
         let left: Vec<PathBuf> = walk(&dir.path().join("data/spool"));
         assert!(!left.iter().any(|p| p.to_string_lossy().ends_with(".partial")), "no partial file is left: {left:?}");
+    }
+
+    /// `seconds` of VP8 (160×120, 15 fps) and Opus from FFmpeg, as frames in time order.
+    fn test_frames(dir: &Path, seconds: u32) -> Vec<(Codec, transcoder::EncodedFrame)> {
+        let media = dir.join("in.webm");
+        let ok = std::process::Command::new("ffmpeg")
+            .args(["-v", "error", "-nostdin", "-f", "lavfi", "-i"])
+            .arg(format!("testsrc2=size=160x120:rate=15:duration={seconds}"))
+            .args(["-f", "lavfi", "-i"])
+            .arg(format!("sine=frequency=440:sample_rate=48000:duration={seconds}"))
+            .args(["-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8", "-g", "15", "-c:a", "libopus"])
+            .arg(&media)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let mut file = crate::import::MediaFile::open(&media).unwrap();
+        let streams: HashMap<usize, Codec> = file.streams().iter().map(|s| (s.index, s.codec)).collect();
+        let mut frames = Vec::new();
+        while let Some(f) = file.next_frame().unwrap() {
+            frames.push((streams[&f.stream], f.frame));
+        }
+        frames.sort_by_key(|(_, f)| f.pts_us);
+        frames
+    }
+
+    /// A finalize that fails (the store refuses every upload: its directory became a file) leaves
+    /// the recording failed with its files in the spool; the next start, with the store back,
+    /// retries it and stores everything. A recording that failed its finalize
+    /// [`FINALIZE_ATTEMPTS`] times, or failed without a finalize (nothing stored), is not retried.
+    #[tokio::test]
+    async fn a_failed_finalize_is_retried_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames = test_frames(dir.path(), 3);
+        let store_root = dir.path().join("store");
+        let mut config = Config { data_dir: dir.path().join("data"), ..Config::default() };
+        config.storage.backend =
+            storage::store::StoreBackend::Local(storage::store::LocalStoreConfig { root: store_root.clone() });
+        config.upload.max_attempts = 1;
+
+        let env = Arc::new(Env::open(&config).await.unwrap());
+        let mut rec = Recording::start(env.clone(), "!room:example.org", CallFlavour::Voip1, None).await.unwrap();
+        let id = rec.id().clone();
+        let p = ParticipantInfo { id: "alice".into(), user_id: "@alice:example.org".into(), device_id: None, display_name: "Alice".into() };
+        rec.participant_joined(p, 0).await.unwrap();
+        let mut tracks = HashMap::new();
+        for (codec, source) in [(Codec::Vp8, TrackSource::Camera), (Codec::Opus, TrackSource::Microphone)] {
+            tracks.insert(codec, rec.add_track(TrackInfo { participant_id: "alice".into(), codec, source }).await.unwrap());
+        }
+        for (codec, frame) in frames {
+            rec.write(&tracks[&codec], frame).await.unwrap();
+        }
+        // The store goes away (what it holds is kept aside) for longer than the upload attempts:
+        // every upload of the finalize fails.
+        let away = dir.path().join("store-away");
+        std::fs::rename(&store_root, &away).unwrap();
+        std::fs::write(&store_root, b"not a directory").unwrap();
+        let err = rec.finish().await.expect_err("the finalize cannot store anything");
+        eprintln!("first finalize: {err:#}");
+        assert_eq!(env.catalog.get_recording(&id).await.unwrap().unwrap().state, RecordingState::Failed);
+        Arc::try_unwrap(env).ok().expect("nothing else holds the environment").shutdown().await;
+
+        // The next start, with the store back.
+        std::fs::remove_file(&store_root).unwrap();
+        std::fs::rename(&away, &store_root).unwrap();
+        let env = Arc::new(Env::open(&config).await.unwrap());
+        let todo = env.recordings_to_finish().await.unwrap();
+        assert_eq!(todo.iter().map(|r| &r.id).collect::<Vec<_>>(), [&id], "the failed recording is retried");
+        let rec = Recording::recover(env.clone(), todo[0].clone()).await.unwrap().expect("its media is in the spool");
+        let done = rec.finish().await.unwrap();
+        assert_eq!(env.catalog.get_recording(&id).await.unwrap().unwrap().state, RecordingState::Uploaded);
+        assert_eq!(done.manifest.outputs.len(), 1, "the composite was rendered");
+        for t in &done.manifest.tracks {
+            assert!(!t.segments.is_empty(), "track {} has segments", t.id);
+            for s in &t.segments {
+                let bytes = std::fs::read(store_root.join(&s.key)).unwrap_or_else(|e| panic!("segment {}: {e}", s.key));
+                use sha2::Digest;
+                assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), s.sha256, "segment {} stored whole", s.key);
+            }
+        }
+        assert!(env.recordings_to_finish().await.unwrap().is_empty(), "nothing left to finish");
+
+        // Out of attempts, or failed with nothing to finalize: left failed.
+        let spent = Recording::start(env.clone(), "!room:example.org", CallFlavour::Voip1, None).await.unwrap();
+        let empty = Recording::start(env.clone(), "!room:example.org", CallFlavour::Voip1, None).await.unwrap();
+        for r in [&spent, &empty] {
+            env.catalog.set_recording_state(r.id(), RecordingState::Failed, Some("test")).await.unwrap();
+        }
+        for _ in 0..FINALIZE_ATTEMPTS {
+            env.catalog.audit("mxrec", FINALIZE_FAILED, Some(spent.id()), serde_json::json!({})).await.unwrap();
+        }
+        assert!(env.recordings_to_finish().await.unwrap().is_empty(), "neither is retried");
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

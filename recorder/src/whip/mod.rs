@@ -332,7 +332,7 @@ fn session_id() -> String {
 /// Finishes the WHIP recordings a previous run left in the recording or finalizing state, from
 /// what it stored (the same recovery Matrix calls get; there is no room to tell).
 async fn recover_unfinished(env: Arc<Env>) {
-    let rows = match env.catalog.unfinished_recordings().await {
+    let rows = match env.recordings_to_finish().await {
         Ok(rows) => rows,
         Err(e) => {
             warn!(error = %e, "cannot list unfinished recordings");
