@@ -7,6 +7,8 @@
 #   FUZZ_TARGETS="sdp rtcp"       only these targets (default: all of `cargo fuzz list`)
 #   MXREC_FUZZ_TARGET_DIR=...     the fuzz build's target dir (default ~/.cache/mxrec/fuzz-target)
 #   MXREC_FUZZ_WORK_DIR=...       grown corpora and logs (default ~/.cache/mxrec/fuzz-work)
+#   MXREC_FUZZ_QUICK=1            no sanitizer, dev profile (overflow checks on): the build
+#                                 `make test` runs in CI, much cheaper than the ASan release build
 #
 # The seed corpus in fuzz/corpus/<target> is only read; what libFuzzer adds goes to the work dir,
 # so runs build on each other without touching the clone.
@@ -23,8 +25,12 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
   cargo +nightly install cargo-fuzz --locked
 fi
 
+build_flags=()
+if [[ ${MXREC_FUZZ_QUICK:-} == 1 ]]; then
+  build_flags=(--sanitizer none --dev)
+fi
 start=$(date +%s)
-cargo +nightly fuzz build --target-dir "$target_dir"
+cargo +nightly fuzz build "${build_flags[@]}" --target-dir "$target_dir"
 echo "fuzz.sh: build took $(($(date +%s) - start)) s; $target_dir holds $(du -sh "$target_dir" | cut -f1)"
 
 targets=${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}
@@ -38,7 +44,7 @@ for t in $targets; do
   log="$work/logs/$t.log"
   echo "fuzz.sh: $t for $seconds s (log: $log)"
   status=0
-  cargo +nightly fuzz run --target-dir "$target_dir" "$t" "$work/corpus/$t" "fuzz/corpus/$t" -- \
+  cargo +nightly fuzz run "${build_flags[@]}" --target-dir "$target_dir" "$t" "$work/corpus/$t" "fuzz/corpus/$t" -- \
     -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 "${dict[@]}" \
     >"$log" 2>&1 || status=$?
   # libFuzzer's last status line ("#N DONE cov: .. ft: .. corp: ..") and its final stats.

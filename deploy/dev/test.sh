@@ -39,4 +39,18 @@ if [ "$status" -ne 0 ]; then
   echo "=== test.sh: failed (exit $status); panic messages from $log ==="
   grep -a -A6 "panicked at" "$log" | cut -c1-400 | head -n 200 || true
 fi
+
+# The fuzz targets, each for a bounded time (FUZZ_SECONDS, 60 by default), built the quick way
+# (no sanitizer, dev profile with overflow checks: a from-nothing build fits CI's budget; `make
+# fuzz` builds the ASan release variant). Servers are not needed: stop them first.
+# MXREC_SKIP_FUZZ=1 leaves this out.
+cleanup
+if [[ ${MXREC_SKIP_FUZZ:-} != 1 ]]; then
+  fuzz_status=0
+  MXREC_FUZZ_QUICK=1 FUZZ_SECONDS=${FUZZ_SECONDS:-60} bash "$here/fuzz.sh" || fuzz_status=$?
+  if [ "$fuzz_status" -ne 0 ]; then
+    echo "=== test.sh: a fuzz target failed (exit $fuzz_status) ==="
+    [ "$status" -ne 0 ] || status=$fuzz_status
+  fi
+fi
 exit "$status"
