@@ -21,7 +21,8 @@ demo: deps
 	bash deploy/dev/demo.sh
 
 # Every test: unit tests, then the storage/catalog tests against a real Garage (S3) and PostgreSQL
-# that deploy/dev/test.sh starts on loopback and stops afterwards.
+# that deploy/dev/test.sh starts on loopback and stops afterwards; then every fuzz target for 60 s
+# (a quick build: no sanitizer, dev profile; MXREC_SKIP_FUZZ=1 skips it).
 test: test-deps
 	bash deploy/dev/test.sh
 
