@@ -1447,3 +1447,94 @@ fn greys_are_told_apart() {
     assert_eq!(pct("!a:b.c"), "%21a%3Ab.c");
     assert_eq!(MediaKey { index: 0, bytes: [0; 16] }.base64(), "AAAAAAAAAAAAAAAAAAAAAA==");
 }
+
+/// mxrec SIGKILLed in the middle of an auto-recorded MatrixRTC call and started again: the
+/// recording the kill cut is finished from what was stored (its notice says so, its manifest is
+/// marked recovered and holds Alice's media up to the kill, less at most a segment), and the bot
+/// joins the still running call again and records it anew until Alice stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_matrixrtc_call_is_recorded_again_after_a_kill() {
+    let Some((hs, s3, lk)) = servers("matrixrtc_call::a_matrixrtc_call_is_recorded_again_after_a_kill") else { return };
+    let _turn = serial();
+    let suffix = unique_suffix();
+    let alice_account = account(&hs, "alice", &suffix);
+    let mut bot = start_bot(&hs, &s3, &lk, &suffix, &alice_account.user, true).await;
+    let mut alice = Participant::login(&hs, "alice", &alice_account, ALICE_GREY, &bot.dir.path().join("alice-store")).await;
+    let room = alice.create_room(&[bot.user.as_str()], false).await;
+    let r = room.as_str();
+    wait_joined(&hs.homeserver, &alice.token, r, &bot.user, Duration::from_secs(60)).await;
+    let alice_room = alice.room.clone().unwrap();
+    let mut levels = room_state(&hs.homeserver, &alice.token, r, "m.room.power_levels", "").await.expect("power levels");
+    levels["users"][bot.user.as_str()] = json!(50);
+    alice_room.send_state_event_raw("m.room.power_levels", "", levels).await.expect("alice raises the bot to 50");
+    alice_room
+        .send_state_event_raw("org.mxrec.config", "", json!({"auto_record": true}))
+        .await
+        .expect("alice turns auto-record on");
+    let call = Call {
+        homeserver: hs.homeserver.clone(),
+        room: room.clone(),
+        service_url: lk.service_url.clone(),
+        python: python(),
+        bot_user: bot.user.clone(),
+        bot_device: bot.device.clone(),
+    };
+
+    alice.join_call(&call, false, &[]).await;
+    let first = wait_recording_state(&hs.homeserver, &alice.token, r, "active", |v| {
+        v["active"] == true && v["recording_id"].is_string()
+    })
+    .await;
+    let first_id = first["recording_id"].as_str().expect("the state names the recording").to_owned();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let killed_at = now_ms();
+    let status = bot.mxrec.kill();
+    eprintln!("mxrec killed ({status}) 8 s into the recording {first_id}");
+
+    bot.mxrec = MxrecRun::start(bot.dir.path(), &bot.config);
+    bot.mxrec.wait_line("bot:", BOT_READY_TIMEOUT).await;
+    let recovered = alice
+        .timeline
+        .wait_for(Instant::now() + SAVED_WITHIN, |rm, ev| {
+            rm == r && bot_notice(ev, &bot.user, "Recording saved:") && body(ev).contains(first_id.as_str())
+        })
+        .await
+        .unwrap_or_else(|| panic!("no links for the cut recording after the restart\n{}", bot.mxrec.stderr_tail(80)));
+    eprintln!("recovered: {} ({} ms after the kill)", body(&recovered), now_ms() - killed_at);
+    assert!(body(&recovered).contains("stopped unexpectedly"), "marked as recovered: {recovered}");
+    let second = wait_recording_state(&hs.homeserver, &alice.token, r, "active with a new recording", |v| {
+        v["active"] == true && v["recording_id"].as_str().is_some_and(|id| id != first_id)
+    })
+    .await;
+    let second_id = second["recording_id"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let reply = command(&mut alice, r, &bot.user, "stop").await;
+    assert!(body(&reply).starts_with("Stopping"), "{reply}");
+    let saved = alice
+        .timeline
+        .wait_for(Instant::now() + SAVED_WITHIN, |rm, ev| {
+            rm == r && bot_notice(ev, &bot.user, "Recording saved:") && body(ev).contains(second_id.as_str())
+        })
+        .await
+        .unwrap_or_else(|| panic!("the second recording is not saved\n{}", bot.mxrec.stderr_tail(80)));
+    alice.leave_call(&call).await;
+    let failed = alice.timeline.all(|rm, ev| rm == r && bot_notice(ev, &bot.user, "Recording failed:"));
+    assert!(failed.is_empty(), "the bot says: {:?}", failed.iter().map(|f| body(f)).collect::<Vec<_>>());
+
+    let a = alice.user_id.clone();
+    let cut = fetch_recording(&bot.dir.path().join("cut"), &s3, &bot.prefix, r, &LinksNotice::parse(body(&recovered))).await;
+    let m = &cut.manifest;
+    assert!(m.recovered.is_some(), "the cut recording's manifest is marked recovered");
+    for source in [TrackSource::Camera, TrackSource::Microphone] {
+        let end = recorded_track(m, &a, source).segments.last().unwrap().end_us;
+        eprintln!("cut recording: Alice's {source} up to {:.1} s", end as f64 / 1e6);
+        assert!(end >= 4_000_000, "Alice's {source} holds at least the first 4 s of 8: {end} µs");
+    }
+    let again = fetch_recording(&bot.dir.path().join("again"), &s3, &bot.prefix, r, &LinksNotice::parse(body(&saved))).await;
+    assert!(again.manifest.recovered.is_none(), "the new recording is a normal one");
+    check_composite_duration(&again);
+    let (video, audio) = (recorded_track(&again.manifest, &a, TrackSource::Camera), recorded_track(&again.manifest, &a, TrackSource::Microphone));
+    check_av("alice (recorded again)", &again.files[&video.id], &again.files[&audio.id]);
+    let status = bot.mxrec.stop(Duration::from_secs(30));
+    assert!(status.success(), "mxrec exits 0 on SIGTERM, not {status}");
+}
