@@ -43,13 +43,13 @@
 
 mod harness;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use harness::calls::*;
 use harness::*;
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::encryption::identities::Device;
@@ -61,7 +61,7 @@ use matrix_sdk::ruma::serde::Raw;
 use matrix_sdk::ruma::{OwnedDeviceId, OwnedRoomId, OwnedUserId};
 use matrix_sdk::{Client, LoopCtrl, Room};
 use serde_json::{json, Value};
-use storage::manifest::{CallFlavour, ParticipantInfo, TrackInfo, TrackSource};
+use storage::manifest::{CallFlavour, TrackInfo, TrackSource};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 
@@ -89,11 +89,6 @@ const DAVE_GREY: u8 = 40;
 const SCREEN_LUMA: f64 = 16.0 + (65.481 * 40.0 + 128.553 * 70.0 + 24.966 * 170.0) / 255.0;
 /// A screen share on stage covers at least this share of the frame.
 const STAGE_SHARE: f64 = 0.35;
-/// A tile is at least this share of the frame; an absent one under [`ABSENT_SHARE`].
-const PRESENT_SHARE: f64 = 0.02;
-const ABSENT_SHARE: f64 = 0.002;
-/// Luma tolerance around a background's grey after VP8, scaling and H.264.
-const LUMA_TOLERANCE: f64 = 6.0;
 
 /// Both tests load the CPU heavily while media flows; they must not overlap.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -828,165 +823,6 @@ async fn assert_membership_withdrawn(call: &Call, token: &str, saved: &Value, bo
 // -------------------------------------------------------------------------------------------------
 // The recording, as a user and an auditor get it.
 
-struct Fetched {
-    manifest: storage::Manifest,
-    composite: PathBuf,
-    /// Per-track file by manifest track id.
-    files: HashMap<String, PathBuf>,
-}
-
-/// Fetches the manifest, the composite and every track link; each file must decode cleanly.
-async fn fetch_recording(work: &Path, s3: &S3, prefix: &str, room: &str, notice: &LinksNotice) -> Fetched {
-    std::fs::create_dir_all(work).unwrap();
-    let manifest = load_manifest(s3, prefix, room, &notice.recording_id).await;
-    assert_eq!(manifest.room.id, room);
-    assert_eq!(manifest.call.flavour, CallFlavour::Matrixrtc, "a MatrixRTC call in the manifest");
-    let http = reqwest::Client::new();
-    let (bytes, _) = fetch_link(&http, &notice.composite_url).await;
-    let composite = work.join("composite.mp4");
-    std::fs::write(&composite, &bytes).unwrap();
-    let errors = decode_errors(&composite);
-    assert!(errors.trim().is_empty(), "the composite does not decode cleanly: {errors}");
-
-    let mut files = HashMap::new();
-    for (i, t) in notice.tracks.iter().enumerate() {
-        assert!(
-            manifest.tracks.iter().any(|m| m.id == t.track_id),
-            "track link {} is no manifest track: {:?}",
-            t.track_id,
-            manifest.tracks.iter().map(|m| &m.id).collect::<Vec<_>>()
-        );
-        let (bytes, _) = fetch_link(&http, &t.url).await;
-        let path = work.join(format!("track-{i}.bin"));
-        std::fs::write(&path, &bytes).unwrap();
-        let errors = decode_errors(&path);
-        assert!(errors.trim().is_empty(), "track {} ({}) does not decode cleanly: {errors}", t.track_id, t.format);
-        eprintln!("track link {} ({}): {} bytes, decodes cleanly", t.track_id, t.format, bytes.len());
-        files.insert(t.track_id.clone(), path);
-    }
-    let with_file = manifest.tracks.iter().filter(|t| t.file.is_some()).count();
-    assert_eq!(notice.tracks.len(), with_file, "one Track link per manifest track with a file");
-    Fetched { manifest, composite, files }
-}
-
-fn person<'a>(m: &'a storage::Manifest, user: &str) -> &'a ParticipantInfo {
-    m.participants.iter().find(|p| p.user_id == user).unwrap_or_else(|| {
-        panic!("{user} is no participant: {:?}", m.participants.iter().map(|p| &p.user_id).collect::<Vec<_>>())
-    })
-}
-
-/// The track of `user` from `source`, with segments and a file.
-fn recorded_track<'a>(m: &'a storage::Manifest, user: &str, source: TrackSource) -> &'a TrackInfo {
-    let pid = &person(m, user).id;
-    let t = m.tracks.iter().find(|t| &t.participant == pid && t.source == source).unwrap_or_else(|| {
-        panic!(
-            "no {source} track of {user}; tracks: {:?}",
-            m.tracks.iter().map(|t| (&t.participant, t.source.as_str())).collect::<Vec<_>>()
-        )
-    });
-    assert!(!t.segments.is_empty(), "{user}'s {source} track {} has no segment", t.id);
-    t
-}
-
-/// Presence of `user` in seconds on the recording clock: first start, last end.
-fn presence_s(m: &storage::Manifest, user: &str) -> (f64, f64) {
-    let p = person(m, user);
-    let first = p.present.first().unwrap_or_else(|| panic!("{user} was never present"));
-    let last = p.present.last().unwrap();
-    let call_end = m.call.span.end_us.unwrap_or_default();
-    (first.start_us as f64 / 1e6, last.end_us.unwrap_or(call_end) as f64 / 1e6)
-}
-
-/// The call's length (s) from the manifest, and the composite's, which must agree within 1.5 s.
-fn check_composite_duration(f: &Fetched) -> f64 {
-    let span = &f.manifest.call.span;
-    let call_s = (span.end_us.expect("the call has ended") - span.start_us) as f64 / 1e6;
-    let probe = ffprobe(&f.composite);
-    let composite_s: f64 =
-        probe["format"]["duration"].as_str().and_then(|d| d.parse().ok()).expect("composite duration");
-    eprintln!("call {call_s:.3} s in the manifest, composite {composite_s:.3} s");
-    assert!((composite_s - call_s).abs() <= 1.5, "the composite lasts {composite_s:.3} s, the call {call_s:.3} s");
-    call_s
-}
-
-/// Flash and beep together between a member's camera and microphone files.
-fn check_av(name: &str, video: &Path, audio: &Path) {
-    let flashes = flash_times(&luma_per_frame(&[video]));
-    let beeps = beep_onsets(&audio_rms_per_ms(&[audio]));
-    let offsets = av_offsets_ms(&flashes, &beeps);
-    eprintln!("{name}: flashes {flashes:.3?}\n  beeps {beeps:.3?}\n  A/V offsets (video − audio) ms {offsets:.1?}");
-    assert!(offsets.len() >= 4, "{name}: at least 4 flash/beep pairs ({} flashes, {} beeps)", flashes.len(), beeps.len());
-    let worst = offsets.iter().fold(0.0f64, |w, o| w.max(o.abs()));
-    assert!(worst <= MAX_AV_OFFSET_MS, "{name}: flash and beep within {MAX_AV_OFFSET_MS} ms: {offsets:.1?}");
-}
-
-/// The luma the publisher gives a grey background (BT.601 limited range, its `rgb_to_yuv`).
-fn luma_of_grey(grey: u8) -> f64 {
-    16.0 + 219.859 * grey as f64 / 256.0
-}
-
-/// For each grey, the largest share of a frame's pixels within [`LUMA_TOLERANCE`] of its luma,
-/// over 5 frames from `at_s`: one frame may be a tile's flash. The Y plane is read as it is
-/// (yuv420p out of a yuv420p stream: no range conversion).
-fn grey_shares(composite: &Path, at_s: f64, greys: &[u8]) -> Vec<f64> {
-    let lumas: Vec<f64> = greys.iter().map(|&g| luma_of_grey(g)).collect();
-    luma_shares(composite, at_s, &lumas)
-}
-
-/// [`grey_shares`] for any luma.
-fn luma_shares(composite: &Path, at_s: f64, lumas: &[f64]) -> Vec<f64> {
-    let probe = ffprobe(composite);
-    let video = probe["streams"].as_array().unwrap().iter().find(|s| s["codec_type"] == "video").expect("video");
-    let (w, h) = (video["width"].as_u64().unwrap() as usize, video["height"].as_u64().unwrap() as usize);
-    let out = Command::new("ffmpeg")
-        .args(["-v", "error", "-ss", &format!("{at_s:.3}"), "-i"])
-        .arg(composite)
-        .args(["-frames:v", "5", "-f", "rawvideo", "-pix_fmt", "yuv420p", "-"])
-        .output()
-        .expect("ffmpeg runs");
-    assert!(out.status.success(), "frames at {at_s:.3} s: {}", String::from_utf8_lossy(&out.stderr));
-    let frame_len = w * h + 2 * w.div_ceil(2) * h.div_ceil(2);
-    let frames: Vec<&[u8]> = out.stdout.chunks_exact(frame_len).collect();
-    assert!(!frames.is_empty(), "no frame of the composite at {at_s:.3} s");
-    lumas
-        .iter()
-        .map(|&target| {
-            frames
-                .iter()
-                .map(|f| {
-                    let near = f[..w * h].iter().filter(|&&y| (y as f64 - target).abs() <= LUMA_TOLERANCE).count();
-                    near as f64 / (w * h) as f64
-                })
-                .fold(0.0, f64::max)
-        })
-        .collect()
-}
-
-/// Tiles at `at_s` in the composite by background grey: `Some(true)` present, `Some(false)`
-/// absent, `None` only reported.
-fn check_tiles(composite: &Path, at_s: f64, when: &str, tiles: &[(&str, u8, Option<bool>)]) {
-    let greys: Vec<u8> = tiles.iter().map(|t| t.1).collect();
-    let shares = grey_shares(composite, at_s, &greys);
-    let report: Vec<String> =
-        tiles.iter().zip(&shares).map(|((name, _, _), s)| format!("{name} {:.2}%", s * 100.0)).collect();
-    eprintln!("composite at {at_s:.2} s ({when}): {}", report.join(", "));
-    for ((name, grey, expect), share) in tiles.iter().zip(&shares) {
-        match expect {
-            Some(true) => assert!(
-                *share >= PRESENT_SHARE,
-                "{name}'s tile (grey {grey}) is missing at {at_s:.2} s ({when}): {:.2}% of the frame",
-                share * 100.0
-            ),
-            Some(false) => assert!(
-                *share < ABSENT_SHARE,
-                "{name}'s tile (grey {grey}) is shown at {at_s:.2} s ({when}): {:.2}% of the frame",
-                share * 100.0
-            ),
-            None => {}
-        }
-    }
-}
-
 /// While a screen is shared it fills the stage: in the middle of the screen track's recorded span
 /// its blue covers most of the composite, and the cameras are thumbnails beside it.
 fn check_screen_on_stage(f: &Fetched, screen: &TrackInfo) {
@@ -1152,7 +988,7 @@ async fn whole_call(test: &str, encrypted: bool, api_key: bool) {
     }
 
     let notice = LinksNotice::parse(saved["content"]["body"].as_str().unwrap());
-    let f = fetch_recording(&bot.dir.path().join("verify"), &s3, &bot.prefix, room.as_str(), &notice).await;
+    let f = fetch_recording(CallFlavour::Matrixrtc, &bot.dir.path().join("verify"), &s3, &bot.prefix, room.as_str(), &notice).await;
     let m = &f.manifest;
     let rel = |wall: i64| (wall - m.epoch_unix_ms) as f64 / 1000.0;
 
@@ -1204,7 +1040,7 @@ async fn whole_call(test: &str, encrypted: bool, api_key: bool) {
     assert!(b1 <= c1 - 5.0, "bob left well before carol");
 
     for (who, video, audio) in &av {
-        check_av(who, video, audio);
+        check_av(who, video, audio, MAX_AV_OFFSET_MS);
     }
 
     // The composite: as long as the call, tiles as the members came and went.
@@ -1379,7 +1215,7 @@ async fn room_commands_steer_a_matrixrtc_call() {
     let notice = LinksNotice::parse(body(&saved));
     let reply = command(&mut alice, r, &bot.user, "list").await;
     assert_eq!(body(&reply).matches("http://127.0.0.1:").count(), 2, "`!rec list` gives both with links: {reply}");
-    let f = fetch_recording(&bot.dir.path().join("verify"), &s3, &bot.prefix, r, &notice).await;
+    let f = fetch_recording(CallFlavour::Matrixrtc, &bot.dir.path().join("verify"), &s3, &bot.prefix, r, &notice).await;
     let m = &f.manifest;
     let saved_count = alice.timeline.all(|rm, ev| rm == r && bot_notice(ev, &bot.user, "Recording saved:")).len();
     assert_eq!(saved_count, 2, "the auto-recorded one (with the pause) and the one `!rec start` began");
@@ -1522,7 +1358,7 @@ async fn a_matrixrtc_call_is_recorded_again_after_a_kill() {
     assert!(failed.is_empty(), "the bot says: {:?}", failed.iter().map(|f| body(f)).collect::<Vec<_>>());
 
     let a = alice.user_id.clone();
-    let cut = fetch_recording(&bot.dir.path().join("cut"), &s3, &bot.prefix, r, &LinksNotice::parse(body(&recovered))).await;
+    let cut = fetch_recording(CallFlavour::Matrixrtc, &bot.dir.path().join("cut"), &s3, &bot.prefix, r, &LinksNotice::parse(body(&recovered))).await;
     let m = &cut.manifest;
     assert!(m.recovered.is_some(), "the cut recording's manifest is marked recovered");
     for source in [TrackSource::Camera, TrackSource::Microphone] {
@@ -1530,11 +1366,11 @@ async fn a_matrixrtc_call_is_recorded_again_after_a_kill() {
         eprintln!("cut recording: Alice's {source} up to {:.1} s", end as f64 / 1e6);
         assert!(end >= 4_000_000, "Alice's {source} holds at least the first 4 s of 8: {end} µs");
     }
-    let again = fetch_recording(&bot.dir.path().join("again"), &s3, &bot.prefix, r, &LinksNotice::parse(body(&saved))).await;
+    let again = fetch_recording(CallFlavour::Matrixrtc, &bot.dir.path().join("again"), &s3, &bot.prefix, r, &LinksNotice::parse(body(&saved))).await;
     assert!(again.manifest.recovered.is_none(), "the new recording is a normal one");
     check_composite_duration(&again);
     let (video, audio) = (recorded_track(&again.manifest, &a, TrackSource::Camera), recorded_track(&again.manifest, &a, TrackSource::Microphone));
-    check_av("alice (recorded again)", &again.files[&video.id], &again.files[&audio.id]);
+    check_av("alice (recorded again)", &again.files[&video.id], &again.files[&audio.id], MAX_AV_OFFSET_MS);
     let status = bot.mxrec.stop(Duration::from_secs(30));
     assert!(status.success(), "mxrec exits 0 on SIGTERM, not {status}");
 }

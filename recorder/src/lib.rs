@@ -6,7 +6,8 @@
 //! Layout: `config` (the one configuration tree), `timeline` (pure: presence, mutes, pauses),
 //! `pipeline` (one recording's state: writers, timeline, uploads; the finalizer), `import` (the file
 //! adapter), `export` (re-rendering a stored recording), `http` (the one HTTP server: share
-//! links, /healthz, /metrics), `voip1` (pure 1:1 signalling machines), `rtp` (the receive path),
+//! links, /healthz, /metrics), `voip1` (pure 1:1 signalling machines, also the peer calls of
+//! mesh group calls), `mesh` (pure MSC3401 group call machines), `rtp` (the receive path),
 //! `peer` (the WebRTC edge), `bot` (the Matrix account, call runtime and per-call tasks), `whip`
 //! (WHIP ingest: a publisher recorded like a call's participant);
 //! `fuzzing` (hidden) opens private paths to the fuzz targets in `fuzz/`.
@@ -24,6 +25,7 @@ pub mod http;
 pub mod import;
 pub mod logging;
 pub mod matrixrtc;
+pub mod mesh;
 pub mod peer;
 pub mod pipeline;
 pub mod timeline;

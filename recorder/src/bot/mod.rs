@@ -18,6 +18,8 @@ mod allowlist;
 pub mod call;
 pub mod commands;
 pub mod control;
+pub mod media;
+pub mod mesh;
 pub mod messages;
 pub mod outbox;
 mod recover;
@@ -410,12 +412,21 @@ fn register_handlers(
         }
     });
     let rtc_keys = rtc.clone();
-    client.add_event_handler(move |raw: Raw<AnyToDeviceEvent>| {
+    client.add_event_handler(move |raw: Raw<AnyToDeviceEvent>, encryption: Option<matrix_sdk::deserialized_responses::EncryptionInfo>| {
         let rtc = rtc_keys.clone();
         async move {
             let Ok(ev) = raw.deserialize_as_unchecked::<ToDevice>() else { return };
             if ev.event_type == crate::matrixrtc::session::ENCRYPTION_KEYS_EVENT_TYPE {
                 let _ = rtc.send(rtc::RtcInput::ToDeviceKeys { sender: ev.sender, content: ev.content }).await;
+            } else if voip1::events::is_call_event_type(&ev.event_type) {
+                // A mesh group call's peer call message (plain, or decrypted from Olm).
+                let input = rtc::RtcInput::MeshToDevice {
+                    sender: ev.sender,
+                    event_type: ev.event_type,
+                    content: ev.content,
+                    encrypted: encryption.is_some(),
+                };
+                let _ = rtc.send(input).await;
             }
         }
     });
@@ -543,8 +554,27 @@ async fn rtc_state_event(ctx: &BotContext, ev: TimelineEvent, room: &Room, rtc: 
             ctx.rooms.set_settings(&room_id, settings);
             rtc::RtcInput::AutoRecord { room: room_id, on: settings.auto_record.unwrap_or(false), by: ev.sender }
         }
+        crate::mesh::events::GROUP_CALL_EVENT_TYPE => rtc::RtcInput::MeshCall { room: room_id, state_key, content: ev.content },
         crate::matrixrtc::session::LEGACY_MEMBER_EVENT_TYPE => {
             let sender_joined = is_joined(room, &ev.sender).await;
+            // One event type, two protocols: mesh members list `m.calls` under their user id;
+            // MatrixRTC's legacy memberships use per-device state keys. Content under a user-id
+            // state key without `m.calls` withdraws the user's mesh devices and may be an old
+            // MatrixRTC membership, so both hear it.
+            let mesh = ev.content.get(crate::mesh::events::CALLS_KEY).is_some();
+            if mesh || state_key == ev.sender {
+                let input = rtc::RtcInput::MeshMember {
+                    room: room_id.clone(),
+                    state_key: state_key.clone(),
+                    sender: ev.sender.clone(),
+                    ts: ev.origin_server_ts,
+                    content: ev.content.clone(),
+                    sender_joined,
+                };
+                if rtc.send(input).await.is_err() || mesh {
+                    return;
+                }
+            }
             rtc::RtcInput::LegacyMember { room: room_id, state_key, sender: ev.sender, ts: ev.origin_server_ts, content: ev.content, sender_joined }
         }
         "m.room.member" => {
@@ -582,7 +612,7 @@ async fn rtc_timeline_event(ctx: &BotContext, ev: TimelineEvent, room: &Room, rt
 /// The call memberships and room settings a room's stored state holds (at start, after the
 /// first sync).
 async fn feed_call_state(ctx: &BotContext, room: &Room, rtc: &mpsc::Sender<rtc::RtcInput>) {
-    for ty in [rooms::CONFIG_STATE_EVENT_TYPE, crate::matrixrtc::session::LEGACY_MEMBER_EVENT_TYPE] {
+    for ty in [rooms::CONFIG_STATE_EVENT_TYPE, crate::mesh::events::GROUP_CALL_EVENT_TYPE, crate::matrixrtc::session::LEGACY_MEMBER_EVENT_TYPE] {
         let events = match room.get_state_events(StateEventType::from(ty)).await {
             Ok(e) => e,
             Err(e) => {

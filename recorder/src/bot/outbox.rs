@@ -37,6 +37,20 @@ pub enum Outgoing {
     State { event_type: String, state_key: String, content: Value },
 }
 
+/// One call task's own ordered queue to its room: its notices go out in order, with retries, and
+/// what is queued when the task ends is still sent.
+pub fn call_queue(client: Client, room_id: OwnedRoomId) -> mpsc::UnboundedSender<Outgoing> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+    tokio::spawn(async move {
+        let mut boxes = Outboxes::new(client);
+        while let Some(msg) = rx.recv().await {
+            boxes.send(&room_id, msg);
+        }
+        boxes.flush().await;
+    });
+    tx
+}
+
 /// The per-room queues of one bot.
 pub struct Outboxes {
     client: Client,

@@ -79,7 +79,7 @@ pub async fn prepare(ctx: &BotContext, outboxes: &mut Outboxes, rtc: &mpsc::Send
                     &room,
                     Outgoing::State { event_type: rooms::RECORDING_STATE_EVENT_TYPE.into(), state_key: String::new(), content },
                 );
-                if call.flavour == CallFlavour::Matrixrtc && row.state == storage::RecordingState::Recording {
+                if matches!(call.flavour, CallFlavour::Matrixrtc | CallFlavour::Mesh) && row.state == storage::RecordingState::Recording {
                     let by = if stale.started_by.is_empty() { "mxrec".to_owned() } else { stale.started_by };
                     let (reply, answer) = oneshot::channel();
                     let input = rtc::RtcInput::Record { room: room.clone(), stop: false, by: format!("{by}, again after a restart"), reply };

@@ -160,7 +160,7 @@ impl Runtime {
     }
 }
 
-async fn sleep_until_ms(deadline: Option<UnixMs>) {
+pub(crate) async fn sleep_until_ms(deadline: Option<UnixMs>) {
     match deadline {
         Some(d) => tokio::time::sleep(Duration::from_millis(d.since(now()))).await,
         None => std::future::pending().await,

@@ -145,6 +145,8 @@ pub enum PeerError {
     SetRemoteDescription(String),
     #[error("creating the answer failed: {0}")]
     CreateAnswer(String),
+    #[error("creating the offer failed: {0}")]
+    CreateOffer(String),
     #[error("setting the local description failed: {0}")]
     SetLocalDescription(String),
     #[error("no remote offer has been applied yet; apply it before answering")]
@@ -159,6 +161,7 @@ impl PeerError {
         match self {
             PeerError::SetRemoteDescription(e) => PeerFailure::SetRemoteDescription(e.clone()),
             PeerError::CreateAnswer(e) => PeerFailure::CreateAnswer(e.clone()),
+            PeerError::CreateOffer(e) => PeerFailure::CreateOffer(e.clone()),
             PeerError::SetLocalDescription(e) => PeerFailure::SetLocalDescription(e.clone()),
             other => PeerFailure::Other(other.to_string()),
         }
@@ -211,6 +214,8 @@ pub struct RecvPeer {
     shared: Arc<Shared>,
     remote_set: bool,
     pending_candidates: Vec<RemoteCandidate>,
+    /// Whether the receive-only transceivers of an offer of ours exist.
+    offered: bool,
     closed: bool,
 }
 
@@ -253,6 +258,7 @@ impl RecvPeer {
             shared,
             remote_set: false,
             pending_candidates: Vec::new(),
+            offered: false,
             closed: false,
         };
         Ok((peer, media_rx))
@@ -308,12 +314,57 @@ impl RecvPeer {
         }
         let answer =
             self.pc.create_answer(None).await.map_err(|e| PeerError::CreateAnswer(e.to_string()))?;
+        self.set_local_and_gather(answer).await
+    }
+
+    /// For a call the bot places (a mesh group call peer whose user id sorts above the bot's):
+    /// the first offer asks for one audio and one video track, receive-only; later offers (an
+    /// ICE restart) keep the transceivers. Returns the local description after gathering, as
+    /// [`create_answer`](Self::create_answer) does.
+    pub async fn create_offer(&mut self) -> Result<String, PeerError> {
+        use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+        use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+        self.check_open()?;
+        if !self.offered {
+            for kind in [RtpCodecKind::Audio, RtpCodecKind::Video] {
+                let init = RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Recvonly,
+                    streams: Vec::new(),
+                    send_encodings: Vec::new(),
+                };
+                self.pc
+                    .add_transceiver_from_kind(kind, Some(init))
+                    .await
+                    .map_err(|e| PeerError::CreateOffer(e.to_string()))?;
+            }
+            self.offered = true;
+        }
+        let offer = self.pc.create_offer(None).await.map_err(|e| PeerError::CreateOffer(e.to_string()))?;
+        self.set_local_and_gather(offer).await
+    }
+
+    /// Applies the answer to the bot's offer, then any candidates that were waiting for it.
+    pub async fn apply_remote_answer(&mut self, sdp: String) -> Result<(), PeerError> {
+        self.check_open()?;
+        let answer = RTCSessionDescription::answer(sdp)
+            .map_err(|e| PeerError::SetRemoteDescription(e.to_string()))?;
+        self.pc
+            .set_remote_description(answer)
+            .await
+            .map_err(|e| PeerError::SetRemoteDescription(e.to_string()))?;
+        self.remote_set = true;
+        let pending = std::mem::take(&mut self.pending_candidates);
+        self.add_remote_candidates(pending).await;
+        Ok(())
+    }
+
+    async fn set_local_and_gather(&mut self, local: RTCSessionDescription) -> Result<String, PeerError> {
         // Known before gathering starts, so every local candidate can carry it.
-        if let Some(mid) = first_mid(&answer.sdp) {
+        if let Some(mid) = first_mid(&local.sdp) {
             *self.shared.first_mid.lock().unwrap() = Some(mid);
         }
         self.pc
-            .set_local_description(answer)
+            .set_local_description(local)
             .await
             .map_err(|e| PeerError::SetLocalDescription(e.to_string()))?;
         let mut gathering = self.shared.gathering.subscribe();
@@ -327,7 +378,7 @@ impl RecvPeer {
         if !complete && !self.shared.cfg.gather_timeout.is_zero() {
             tracing::warn!(
                 timeout = ?self.shared.cfg.gather_timeout,
-                "ICE gathering not complete; answering with the candidates gathered so far, the rest will be trickled"
+                "ICE gathering not complete; sending the candidates gathered so far, the rest will be trickled"
             );
         }
         let local = self.pc.local_description().await.ok_or_else(|| {

@@ -23,7 +23,13 @@
 //! `m.call.reject` (it ignores a hangup from a party it hasn't chosen), after it only
 //! `m.call.hangup`; to a version 0 caller both are a hangup.
 //!
-//! Recording: `Record(Start)` is emitted when the answer goes out, and `Record(Stop)` exactly once
+//! Mesh group calls (MSC3401) also need the other direction: [`Voip1Call::outgoing`] places a
+//! call. The edge makes a receive-only offer (`CreateOffer` → `OfferCreated`), the invite goes
+//! out, the first answer from the invitee is applied (`ApplyRemoteAnswer`) and selected
+//! (`m.call.select_answer`); from then on the call is the same as an answered one, and the
+//! invitee's renegotiation offers (a screen share) are answered as usual.
+//!
+//! Recording: `Record(Start)` is emitted when the answer goes out (or, for a placed call, comes in), and `Record(Stop)` exactly once
 //! after it, whatever ends the call. Track labels and mute changes are emitted only in between.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -63,6 +69,7 @@ pub enum PeerFailure {
     Ice,
     SetRemoteDescription(String),
     CreateAnswer(String),
+    CreateOffer(String),
     SetLocalDescription(String),
     Other(String),
 }
@@ -73,6 +80,7 @@ impl PeerFailure {
             PeerFailure::Ice => "ice_failed",
             PeerFailure::SetRemoteDescription(_) => "set_remote_description",
             PeerFailure::CreateAnswer(_) => "create_answer",
+            PeerFailure::CreateOffer(_) => "local_offer_failed",
             PeerFailure::SetLocalDescription(_) => "set_local_description",
             PeerFailure::Other(_) => "unknown_error",
         }
@@ -90,6 +98,10 @@ pub enum PeerEvent {
     GatheringComplete,
     /// Reply to `PeerCommand::CreateAnswer`: the local description after gathering.
     AnswerCreated {
+        sdp: String,
+    },
+    /// Reply to `PeerCommand::CreateOffer`: the local description after gathering.
+    OfferCreated {
         sdp: String,
     },
     PeerFailed {
@@ -131,6 +143,11 @@ pub enum PeerCommand {
     ApplyRemoteOffer { sdp: String },
     AddRemoteCandidates(Vec<RemoteCandidate>),
     CreateAnswer,
+    /// A receive-only offer for a call the bot places; reply `OfferCreated`.
+    CreateOffer,
+    ApplyRemoteAnswer {
+        sdp: String,
+    },
     Close,
 }
 
@@ -156,6 +173,10 @@ pub enum StopReason {
 pub enum Timeout {
     /// No `AnswerCreated` after `CreateAnswer`.
     Answer,
+    /// No `OfferCreated` after `CreateOffer`.
+    Offer,
+    /// A placed call's invite was not answered within its lifetime.
+    Invite,
     /// No `PeerConnected` after the answer.
     Connect,
     /// Neither `select_answer` nor media after the answer (v1 callers).
@@ -311,6 +332,8 @@ pub enum Action {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallState {
+    /// A call the bot places: offer being made, or invite sent and no answer yet.
+    Inviting,
     /// Offer handed to the edge, answer not sent yet.
     Answering,
     /// Answer sent.
@@ -332,17 +355,34 @@ struct OpenTrack {
     labelled: Option<Purpose>,
 }
 
-/// The callee side of one 1:1 call. See the module documentation for the contract.
+/// Which side of the call the bot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Callee,
+    /// The bot placed the call (mesh group calls).
+    Caller,
+}
+
+/// One call of the bot: the callee side of a 1:1 call, or either side of a mesh group call's
+/// peer call. See the module documentation for the contract.
 #[derive(Debug)]
 pub struct Voip1Call {
     cfg: Voip1Config,
     call_id: CallId,
     bot: UserId,
     our_party: PartyId,
+    role: Role,
+    /// The other party: the caller, or the invitee of a call the bot placed.
     caller: UserId,
+    /// Its party id: from the invite, or from the answer the bot selected.
     caller_party: Option<PartyId>,
     caller_version: VoipVersion,
+    /// When the invite (theirs, or ours once sent) stops being valid.
     invite_expires_at: UnixMs,
+    /// A placed call's offer is being made since then.
+    making_offer: Option<UnixMs>,
+    /// Lifetime of the invite the bot sends.
+    invite_lifetime_ms: u64,
 
     state: CallState,
     /// The answer being made and since when.
@@ -365,6 +405,8 @@ pub struct Voip1Call {
     emitted_mutes: BTreeMap<String, (bool, bool)>,
     tracks: BTreeMap<String, OpenTrack>,
     recording: bool,
+    /// Why the call ended, once it has.
+    ended_by: Option<StopReason>,
 
     out: VecDeque<Action>,
 }
@@ -387,10 +429,13 @@ impl Voip1Call {
             call_id: invite.common.call_id.clone(),
             bot,
             our_party,
+            role: Role::Callee,
             caller,
             caller_party: invite.common.party_id.clone(),
             caller_version: invite.common.version,
             invite_expires_at,
+            making_offer: None,
+            invite_lifetime_ms: 0,
             state: CallState::Answering,
             making_answer: Some((AnswerFor::Invite, now)),
             pending_offers: VecDeque::new(),
@@ -408,6 +453,7 @@ impl Voip1Call {
             emitted_mutes: BTreeMap::new(),
             tracks: BTreeMap::new(),
             recording: false,
+            ended_by: None,
             out: VecDeque::new(),
         };
         if let Some(m) = invite.metadata {
@@ -418,6 +464,58 @@ impl Voip1Call {
         });
         call.peer(PeerCommand::CreateAnswer);
         call
+    }
+
+    /// Places a call to `invitee` (whose group call the bot joined): asks the edge for a
+    /// receive-only offer, then invites with it. The invite is valid for `invite_lifetime_ms`.
+    pub fn outgoing(
+        cfg: Voip1Config,
+        bot: UserId,
+        our_party: PartyId,
+        invitee: UserId,
+        call_id: CallId,
+        invite_lifetime_ms: u64,
+        now: UnixMs,
+    ) -> Self {
+        let mut call = Voip1Call {
+            cfg,
+            call_id,
+            bot,
+            our_party,
+            role: Role::Caller,
+            caller: invitee,
+            caller_party: None,
+            caller_version: VoipVersion::V1,
+            invite_expires_at: UnixMs(u64::MAX),
+            making_offer: Some(now),
+            invite_lifetime_ms,
+            state: CallState::Inviting,
+            making_answer: None,
+            pending_offers: VecDeque::new(),
+            answer_sent_at: None,
+            local_sdp: None,
+            // The bot chooses the answer itself; nobody selects it.
+            selected: true,
+            connected: false,
+            local_queue: Vec::new(),
+            local_queue_since: None,
+            gathering_complete: false,
+            end_of_candidates_sent: false,
+            remote_candidates: 0,
+            flood_warned: false,
+            streams: SdpStreamMetadata::new(),
+            emitted_mutes: BTreeMap::new(),
+            tracks: BTreeMap::new(),
+            recording: false,
+            ended_by: None,
+            out: VecDeque::new(),
+        };
+        call.peer(PeerCommand::CreateOffer);
+        call
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
     }
 
     pub fn call_id(&self) -> &CallId {
@@ -436,6 +534,11 @@ impl Voip1Call {
         self.state == CallState::Ended
     }
 
+    /// Why the call ended; `None` while it runs.
+    pub fn ended_by(&self) -> Option<&StopReason> {
+        self.ended_by.as_ref()
+    }
+
     pub fn poll_output(&mut self) -> Option<Action> {
         self.out.pop_front()
     }
@@ -446,6 +549,12 @@ impl Voip1Call {
             return None;
         }
         let mut d: Vec<UnixMs> = Vec::new();
+        if let Some(since) = self.making_offer {
+            d.push(since.plus(self.cfg.answer_timeout_ms));
+        }
+        if self.state == CallState::Inviting && self.making_offer.is_none() {
+            d.push(self.invite_expires_at);
+        }
         if let Some((what, since)) = self.making_answer {
             d.push(since.plus(self.cfg.answer_timeout_ms));
             if what == AnswerFor::Invite {
@@ -459,11 +568,11 @@ impl Voip1Call {
             if self.needs_selection() {
                 d.push(at.plus(self.cfg.select_answer_timeout_ms));
             }
-            // The batch waits while an answer is being made (`on_tick` does not flush then), so
-            // its deadline counts only after: a past deadline would make the caller spin.
-            if let Some(since) = self.local_queue_since.filter(|_| self.making_answer.is_none()) {
-                d.push(since.plus(self.cfg.candidate_batch_ms));
-            }
+        }
+        // The batch waits while a description is being made (`on_tick` does not flush then), so
+        // its deadline counts only after: a past deadline would make the caller spin.
+        if let Some(since) = self.local_queue_since.filter(|_| self.can_trickle()) {
+            d.push(since.plus(self.cfg.candidate_batch_ms));
         }
         d.into_iter().min()
     }
@@ -529,6 +638,13 @@ impl Voip1Call {
                 self.end(now, None, StopReason::RemoteHangup { reason })
             }
             CallEvent::Reject(_) => self.end(now, None, StopReason::RemoteReject),
+            CallEvent::Answer(a)
+                if self.role == Role::Caller
+                    && self.state == CallState::Inviting
+                    && self.making_offer.is_none() =>
+            {
+                self.on_answer(a, now)
+            }
             CallEvent::Answer(_) => self.ignored(IgnoreReason::NotApplicable {
                 event_type: events::ANSWER,
             }),
@@ -565,7 +681,42 @@ impl Voip1Call {
             VoipVersion::V0 => None,
             VoipVersion::V1 => c.party_id.as_ref(),
         };
+        if self.role == Role::Caller && self.state == CallState::Inviting {
+            // Any device of the invitee may answer (and send candidates) until one is chosen.
+            return *sender == self.caller;
+        }
         *sender == self.caller && party == self.caller_party.as_ref()
+    }
+
+    /// Local candidates may go out: our description is out and none is being made.
+    fn can_trickle(&self) -> bool {
+        self.local_sdp.is_some() && self.making_answer.is_none() && self.making_offer.is_none()
+    }
+
+    /// The invitee answered a call the bot placed: choose that answer and start recording.
+    fn on_answer(&mut self, a: events::Answer, now: UnixMs) {
+        let party = a.common.party_id.clone();
+        self.caller_party = party.clone();
+        self.caller_version = a.common.version;
+        if let Some(m) = a.metadata {
+            self.merge_metadata(m);
+        }
+        if let (VoipVersion::V1, Some(p)) = (a.common.version, party.as_ref()) {
+            let content = events::select_answer_content(&self.call_id, &self.our_party, p);
+            self.send(events::SELECT_ANSWER, content);
+        }
+        self.peer(PeerCommand::ApplyRemoteAnswer { sdp: a.answer_sdp });
+        self.state = CallState::Answered;
+        self.answer_sent_at = Some(now);
+        self.recording = true;
+        self.out.push_back(Action::Record(RecordAction::Start {
+            caller: self.caller.clone(),
+            caller_party: self.caller_party.clone(),
+            at: now,
+        }));
+        self.sync_recording(now);
+        let force = self.gathering_complete;
+        self.flush_local_candidates(force);
     }
 
     fn on_remote_candidates(&mut self, candidates: Vec<Candidate>) {
@@ -639,6 +790,7 @@ impl Voip1Call {
             }
             PeerEvent::GatheringComplete => self.on_gathering_complete(now),
             PeerEvent::AnswerCreated { sdp } => self.on_answer_created(sdp, now),
+            PeerEvent::OfferCreated { sdp } => self.on_offer_created(sdp, now),
             PeerEvent::PeerFailed { reason } => {
                 let code = reason.hangup_reason();
                 self.decline_or_hang_up(Some(code), code, StopReason::PeerFailed(reason), now)
@@ -706,9 +858,27 @@ impl Voip1Call {
         }
     }
 
+    fn on_offer_created(&mut self, sdp: String, now: UnixMs) {
+        if self.making_offer.take().is_none() {
+            return self.ignored(IgnoreReason::UnexpectedAnswerCreated);
+        }
+        let content = events::invite_content(
+            &self.call_id,
+            &self.our_party,
+            &sdp,
+            self.invite_lifetime_ms,
+            &self.caller,
+        );
+        self.send(events::INVITE, content);
+        self.invite_expires_at = now.plus(self.invite_lifetime_ms);
+        self.local_sdp = Some(sdp);
+        let force = self.gathering_complete;
+        self.flush_local_candidates(force);
+    }
+
     fn on_gathering_complete(&mut self, _now: UnixMs) {
         self.gathering_complete = true;
-        if self.answer_sent_at.is_some() && self.making_answer.is_none() {
+        if self.can_trickle() {
             self.flush_local_candidates(true);
         }
     }
@@ -756,6 +926,18 @@ impl Voip1Call {
     // ---- time ----
 
     fn on_tick(&mut self, now: UnixMs) {
+        if let Some(since) = self.making_offer {
+            if now.since(since) >= self.cfg.answer_timeout_ms {
+                // Nothing reached the invitee yet: nothing to tell it.
+                return self.end(now, None, StopReason::Timeout(Timeout::Offer));
+            }
+        }
+        if self.state == CallState::Inviting
+            && self.making_offer.is_none()
+            && now >= self.invite_expires_at
+        {
+            return self.hang_up("invite_timeout", StopReason::Timeout(Timeout::Invite), now);
+        }
         if let Some((what, since)) = self.making_answer {
             if what == AnswerFor::Invite && now >= self.invite_expires_at {
                 self.warn(format!(
@@ -784,13 +966,13 @@ impl Voip1Call {
                     now,
                 );
             }
-            if self
-                .local_queue_since
-                .is_some_and(|s| now.since(s) >= self.cfg.candidate_batch_ms)
-                && self.making_answer.is_none()
-            {
-                self.flush_local_candidates(false);
-            }
+        }
+        if self
+            .local_queue_since
+            .is_some_and(|s| now.since(s) >= self.cfg.candidate_batch_ms)
+            && self.can_trickle()
+        {
+            self.flush_local_candidates(false);
         }
     }
 
@@ -853,7 +1035,11 @@ impl Voip1Call {
         why: StopReason,
         now: UnixMs,
     ) {
-        if self.state == CallState::Answered {
+        if self.state == CallState::Answered || self.role == Role::Caller {
+            if self.making_offer.is_some() {
+                // Our invite has not gone out: nobody to tell.
+                return self.end(now, None, why);
+            }
             return self.hang_up(hangup_reason, why, now);
         }
         let send = match self.caller_version {
@@ -887,6 +1073,7 @@ impl Voip1Call {
             self.send(event_type, content);
         }
         self.peer(PeerCommand::Close);
+        self.ended_by = Some(why.clone());
         if self.recording {
             self.recording = false;
             self.out.push_back(Action::Record(RecordAction::Stop {
@@ -896,6 +1083,7 @@ impl Voip1Call {
         }
         self.state = CallState::Ended;
         self.making_answer = None;
+        self.making_offer = None;
         self.pending_offers.clear();
         self.local_queue.clear();
         self.local_queue_since = None;

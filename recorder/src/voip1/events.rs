@@ -724,6 +724,24 @@ struct NegotiateOut<'a> {
 }
 
 #[derive(Debug, Clone, Serialize)]
+struct InviteOut<'a> {
+    #[serde(flatten)]
+    base: Base<'a>,
+    offer: DescriptionOut<'a>,
+    lifetime: u64,
+    invitee: &'a str,
+    capabilities: Capabilities,
+    sdp_stream_metadata: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct SelectAnswerOut<'a> {
+    #[serde(flatten)]
+    base: Base<'a>,
+    selected_party_id: &'a str,
+}
+
+#[derive(Debug, Clone, Serialize)]
 struct CandidatesOut<'a> {
     #[serde(flatten)]
     base: Base<'a>,
@@ -761,6 +779,23 @@ pub fn answer_content(call_id: &CallId, party_id: &PartyId, sdp: &str) -> Value 
         capabilities: Capabilities::default(),
         sdp_stream_metadata: empty_metadata(),
     })
+}
+
+/// The invite of a call the bot places (mesh group calls): a receive-only offer to `invitee`.
+pub fn invite_content(call_id: &CallId, party_id: &PartyId, sdp: &str, lifetime_ms: u64, invitee: &UserId) -> Value {
+    to_value(&InviteOut {
+        base: base(call_id, party_id),
+        offer: DescriptionOut { kind: "offer", sdp },
+        lifetime: lifetime_ms,
+        invitee: invitee.as_str(),
+        capabilities: Capabilities::default(),
+        sdp_stream_metadata: empty_metadata(),
+    })
+}
+
+/// The caller's choice among the answers: the one from `selected`.
+pub fn select_answer_content(call_id: &CallId, party_id: &PartyId, selected: &PartyId) -> Value {
+    to_value(&SelectAnswerOut { base: base(call_id, party_id), selected_party_id: selected.as_str() })
 }
 
 /// Our answer to a renegotiation offer; `lifetime` as js-sdk sends it (60 s).

@@ -24,7 +24,7 @@ pub mod events;
 
 pub use call::{
     Action, CallInput, CallState, IgnoreReason, PeerCommand, PeerEvent, PeerFailure, Purpose,
-    RecordAction, RemoteCandidate, StopReason, Timeout, TrackKind, Voip1Call,
+    RecordAction, RemoteCandidate, Role, StopReason, Timeout, TrackKind, Voip1Call,
 };
 pub use calls::{Input, Output, RoomEvent, Voip1Calls};
 pub use events::{parse, parse_with, CallEvent, ParseError, ParseLimits, VoipVersion};

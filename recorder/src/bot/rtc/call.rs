@@ -280,18 +280,7 @@ impl RtcCallTask {
     }
 
     fn outbox(&self) -> mpsc::UnboundedSender<Outgoing> {
-        // One ordered sender per call: notices go out in order, with retries.
-        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
-        let client = self.ctx.client.clone();
-        let room_id = self.room_id.clone();
-        tokio::spawn(async move {
-            let mut boxes = crate::bot::outbox::Outboxes::new(client);
-            while let Some(msg) = rx.recv().await {
-                boxes.send(&room_id, msg);
-            }
-            boxes.flush().await;
-        });
-        tx
+        crate::bot::outbox::call_queue(self.ctx.client.clone(), self.room_id.clone())
     }
 
     /// The distinct SFUs (`livekit_service_url`s) the members use, the most used first.

@@ -1,5 +1,8 @@
-//! MatrixRTC calls in the bot's rooms: the runtime that follows every room's call session and its
-//! media keys, and starts one [`call::RtcCallTask`] per recorded call.
+//! Group calls in the bot's rooms: the runtime that follows every room's MatrixRTC call session
+//! and its media keys, and its MSC3401 mesh group calls, and starts one [`call::RtcCallTask`]
+//! (MatrixRTC) or [`crate::bot::mesh::MeshCallTask`] (mesh) per recorded call. Whether a room's
+//! call is recorded (config, auto-record, `!rec start|stop`) is decided here the same way for
+//! both; a MatrixRTC session wins when a room has both at once.
 //!
 //! Inputs come from the sync handlers (membership state events, sticky membership events, room
 //! member changes, `io.element.call.encryption_keys` to-device and room events) and from the
@@ -8,7 +11,8 @@
 //! identity); routed keys go into the room's [`RoomKeys`], which the call task decrypts with.
 //!
 //! A room's call is recorded while it is wanted (listed in `matrixrtc.record_rooms`, or asked for
-//! with `mxrec record`) and its session is active (anyone but the bot is in it). It stops when
+//! with `mxrec record`) and its session is active (anyone but the bot is in it). Mesh messages
+//! to the bot (to-device) reach the task of the room whose recorded group call they name. It stops when
 //! the session ends, on `mxrec record --stop`, or at shutdown.
 
 pub mod call;
@@ -28,6 +32,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use super::BotContext;
 use crate::matrixrtc::e2ee::ParticipantKeys;
 use crate::matrixrtc::session::{self, KeyRouter, Member, RtcSession, SessionEvent};
+use crate::mesh::{MeshSession, PeerDevice};
+
+use super::mesh::{MeshCallTask, MeshCommand};
 
 /// Keys of one room's call, by LiveKit identity; written by the runtime, read by the call task.
 pub type RoomKeys = Arc<Mutex<HashMap<String, ParticipantKeys>>>;
@@ -50,6 +57,13 @@ pub enum RtcInput {
     Record { room: OwnedRoomId, stop: bool, by: String, reply: oneshot::Sender<Result<String, String>> },
     /// The room's `org.mxrec.config` turned auto-record on or off.
     AutoRecord { room: OwnedRoomId, on: bool, by: String },
+    /// An `org.matrix.msc3401.call` state event (a mesh group call).
+    MeshCall { room: OwnedRoomId, state_key: String, content: Value },
+    /// An `org.matrix.msc3401.call.member` state event with mesh content (`m.calls`), or one that
+    /// withdraws a user's mesh devices.
+    MeshMember { room: OwnedRoomId, state_key: String, sender: String, ts: u64, content: Value, sender_joined: bool },
+    /// A to-device `m.call.*` message (a mesh peer call's).
+    MeshToDevice { sender: String, event_type: String, content: Value, encrypted: bool },
 }
 
 /// What the runtime tells a call task.
@@ -61,8 +75,33 @@ pub enum CallCommand {
     Stop { reason: String },
 }
 
+/// The channel to a room's call task, by flavour.
+enum CallChannel {
+    Rtc(mpsc::UnboundedSender<CallCommand>),
+    Mesh { group_call_id: String, commands: mpsc::UnboundedSender<MeshCommand> },
+}
+
+impl CallChannel {
+    fn stop(&self, reason: &str) {
+        match self {
+            CallChannel::Rtc(tx) => {
+                let _ = tx.send(CallCommand::Stop { reason: reason.into() });
+            }
+            CallChannel::Mesh { commands, .. } => {
+                let _ = commands.send(MeshCommand::Stop { reason: reason.into() });
+            }
+        }
+    }
+
+    fn rtc(&self, cmd: CallCommand) {
+        if let CallChannel::Rtc(tx) = self {
+            let _ = tx.send(cmd);
+        }
+    }
+}
+
 struct RoomCall {
-    commands: mpsc::UnboundedSender<CallCommand>,
+    commands: CallChannel,
     /// Tells this task from a later one of the same room.
     token: u64,
     /// Set by the task once it has left the call; it may still be storing the recording, and a
@@ -82,6 +121,10 @@ impl RoomRtc {
 
 struct RoomRtc {
     session: RtcSession,
+    mesh: MeshSession,
+    /// The mesh group call last seen running, and the devices last sent to its task.
+    mesh_active: Option<String>,
+    mesh_sent: Vec<PeerDevice>,
     router: KeyRouter,
     keys: RoomKeys,
     /// Recording requested for the next (or current) call: by config, by the room's
@@ -122,8 +165,13 @@ impl RtcRuntime {
             let mut router = KeyRouter::new(room.as_str());
             router.set_own_device(ctx.user_id.as_str(), ctx.device_id.as_str());
             let wanted_by_config = ctx.config.matrixrtc.record_rooms.iter().any(|r| r == room.as_str());
+            let mut mesh = MeshSession::new();
+            mesh.set_own_device(ctx.user_id.as_str(), ctx.device_id.as_str());
             RoomRtc {
                 session,
+                mesh,
+                mesh_active: None,
+                mesh_sent: Vec::new(),
                 router,
                 keys: Arc::new(Mutex::new(HashMap::new())),
                 wanted_by_config,
@@ -184,7 +232,7 @@ impl RtcRuntime {
         for r in self.rooms.values_mut() {
             r.stopped = true;
             if let Some(c) = &r.call {
-                let _ = c.commands.send(CallCommand::Stop { reason: reason.into() });
+                c.commands.stop(reason);
             }
         }
     }
@@ -209,6 +257,32 @@ impl RtcRuntime {
             RtcInput::Membership { room, user, joined } => {
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.session.set_joined(&user, joined, now);
+                    r.mesh.set_joined(&user, joined);
+                }
+            }
+            RtcInput::MeshCall { room, state_key, content } => {
+                if let Err(e) = self.room(&room).mesh.handle_call_state(&state_key, &content) {
+                    warn!(room = %room, group_call = %state_key, error = %e, "group call state refused; the call counts as ended");
+                }
+            }
+            RtcInput::MeshMember { room, state_key, sender, ts, content, sender_joined } => {
+                let r = self.room(&room);
+                r.mesh.set_joined(&sender, sender_joined);
+                if let Err(e) = r.mesh.handle_member_state(&state_key, &sender, ts, &content) {
+                    warn!(room = %room, %sender, error = %e, "group call membership refused");
+                }
+            }
+            RtcInput::MeshToDevice { sender, event_type, content, encrypted } => {
+                let conf_id = content.get("conf_id").and_then(Value::as_str).unwrap_or_default();
+                let task = self.rooms.values().filter_map(|r| r.call.as_ref()).find_map(|c| match &c.commands {
+                    CallChannel::Mesh { group_call_id, commands } if group_call_id == conf_id => Some(commands),
+                    _ => None,
+                });
+                match task {
+                    Some(tx) => {
+                        let _ = tx.send(MeshCommand::ToDevice { sender, event_type, content, encrypted });
+                    }
+                    None => debug!(%sender, %event_type, conf_id, "a call message for a group call the bot is not in; ignored"),
                 }
             }
             RtcInput::ToDeviceKeys { sender, content } => match session::parse_to_device_keys(&sender, &content) {
@@ -241,13 +315,14 @@ impl RtcRuntime {
                 } else {
                     let r = self.room(&room);
                     r.forget_left_call();
+                    let running = r.session.is_active() || r.mesh.active_call(now).is_some();
                     if stop {
                         // Until the call ends: auto-record starts again with the next call.
                         r.wanted_once = false;
-                        r.stopped = r.session.is_active();
+                        r.stopped = running;
                         match &r.call {
                             Some(c) => {
-                                let _ = c.commands.send(CallCommand::Stop { reason: format!("stopped by {by}") });
+                                c.commands.stop(&format!("stopped by {by}"));
                                 Ok(format!("stopping the recording of the call in {room}"))
                             }
                             None => Ok(format!("no call is being recorded in {room}")),
@@ -258,7 +333,7 @@ impl RtcRuntime {
                         r.wanted_by = by;
                         if r.call.is_some() {
                             Ok(format!("the call in {room} is already being recorded"))
-                        } else if r.session.is_active() {
+                        } else if running {
                             Ok(format!("recording the call in {room}"))
                         } else {
                             Ok(format!("no call is running in {room}; it will be recorded when one starts"))
@@ -299,9 +374,9 @@ impl RtcRuntime {
                 }
                 if let Some(c) = &r.call {
                     if matches!(ev, SessionEvent::SessionEnded) {
-                        let _ = c.commands.send(CallCommand::Stop { reason: "the call ended".into() });
+                        c.commands.rtc(CallCommand::Stop { reason: "the call ended".into() });
                     } else {
-                        let _ = c.commands.send(CallCommand::Member(ev));
+                        c.commands.rtc(CallCommand::Member(ev));
                     }
                 }
             }
@@ -311,14 +386,15 @@ impl RtcRuntime {
                     Ok(()) => {
                         debug!(room = %room_id, identity = %k.identity, index = k.index, "media key installed");
                         if let Some(c) = &r.call {
-                            let _ = c.commands.send(CallCommand::KeyInstalled { identity: k.identity.clone(), index: k.index });
+                            c.commands.rtc(CallCommand::KeyInstalled { identity: k.identity.clone(), index: k.index });
                         }
                     }
                     Err(e) => warn!(room = %room_id, identity = %k.identity, error = %e, "media key refused"),
                 }
             }
+            follow_mesh(room_id, r, now_ms());
             let wanted = !r.stopped && (r.wanted_by_config || r.wanted_by_state || r.wanted_once);
-            if !stopping && wanted && r.call.is_none() && r.session.is_active() {
+            if !stopping && wanted && r.call.is_none() && (r.session.is_active() || r.mesh_active.is_some()) {
                 to_start.push(room_id.clone());
             }
         }
@@ -330,17 +406,34 @@ impl RtcRuntime {
     fn start_call(&mut self, room_id: OwnedRoomId) {
         let ctx = self.ctx.clone();
         let Some(r) = self.rooms.get_mut(&room_id) else { return };
-        let members: Vec<Member> = r.session.members().into_iter().cloned().collect();
-        let (tx, rx) = mpsc::unbounded_channel();
         let token = self.next_token;
         self.next_token += 1;
         let left = Arc::new(AtomicBool::new(false));
-        r.call = Some(RoomCall { commands: tx, token, left: left.clone() });
         let started_by = if r.wanted_once || r.wanted_by_state {
             r.wanted_by.clone()
         } else {
             "config".to_owned()
         };
+        if let (false, Some(group_call_id)) = (r.session.is_active(), r.mesh_active.clone()) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            r.call = Some(RoomCall { commands: CallChannel::Mesh { group_call_id: group_call_id.clone(), commands: tx }, token, left: left.clone() });
+            let devices = r.mesh.devices(&group_call_id, now_ms());
+            r.mesh_sent = devices.clone();
+            let task = MeshCallTask { ctx, room_id: room_id.clone(), group_call_id: group_call_id.clone(), devices, started_by, left };
+            let span = info_span!("mesh_call", room = %room_id, group_call = %group_call_id);
+            info!(parent: &span, "recording the group call");
+            self.running.spawn(
+                async move {
+                    task.run(rx).await;
+                    (room_id, token)
+                }
+                .instrument(span),
+            );
+            return;
+        }
+        let members: Vec<Member> = r.session.members().into_iter().cloned().collect();
+        let (tx, rx) = mpsc::unbounded_channel();
+        r.call = Some(RoomCall { commands: CallChannel::Rtc(tx), token, left: left.clone() });
         let task = call::RtcCallTask { ctx, room_id: room_id.clone(), keys: r.keys.clone(), members, started_by, left };
         let span = info_span!("rtc_call", room = %room_id);
         info!(parent: &span, "recording the call");
@@ -351,5 +444,34 @@ impl RtcRuntime {
             }
             .instrument(span),
         );
+    }
+}
+
+/// Follows a room's mesh group call: tells a recording task who is in the call now, stops it
+/// when its call ends, and lifts a `!rec stop` once the call it stopped is over.
+fn follow_mesh(room_id: &OwnedRoomId, r: &mut RoomRtc, now: u64) {
+    let active = r.mesh.active_call(now);
+    if active != r.mesh_active {
+        match (&r.mesh_active, &active) {
+            (None, Some(id)) => info!(room = %room_id, group_call = %id, "a group call started"),
+            (Some(id), None) => info!(room = %room_id, group_call = %id, "the group call ended"),
+            (Some(old), Some(new)) => info!(room = %room_id, %old, %new, "another group call is the room's call now"),
+            (None, None) => {}
+        }
+        if r.mesh_active.is_some() && !r.session.is_active() {
+            // A stop lasts for the call it stopped; auto-record takes the next one.
+            r.stopped = false;
+        }
+        r.mesh_active = active.clone();
+    }
+    let Some(RoomCall { commands: CallChannel::Mesh { group_call_id, commands }, .. }) = &r.call else { return };
+    if active.as_deref() != Some(group_call_id.as_str()) {
+        let _ = commands.send(MeshCommand::Stop { reason: "the call ended".into() });
+        return;
+    }
+    let devices = r.mesh.devices(group_call_id, now);
+    if devices != r.mesh_sent {
+        r.mesh_sent = devices.clone();
+        let _ = commands.send(MeshCommand::Devices(devices));
     }
 }
