@@ -31,7 +31,8 @@ use storage::manifest::{CallFlavour, TrackSource};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 
-const ALICE_GREY: u8 = 60;
+/// Far from the placeholder tile's grey (0x3a) and the screen's blue, which a muted camera and a share show.
+const ALICE_GREY: u8 = 100;
 const BOB_GREY: u8 = 150;
 const ZOE_GREY: u8 = 200;
 /// Luma of the screen share's blue (40, 70, 170), BT.601 limited range.
@@ -214,7 +215,7 @@ async fn call_room(alice: &User, bob: &User, zoe: &User, bot: &Bot) -> String {
             "name": "mesh_call",
             "invite": [bot.user, bob.user_id, zoe.user_id],
             "power_level_content_override": {
-                "users": {alice.user_id.as_str(): 100, bot.user.as_str(): 50},
+                "users": {bot.user.as_str(): 50},
                 "events": {"m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
                            "m.room.encryption": 100, MEMBER_EVENT: 0, CALL_EVENT: 0},
             },
