@@ -16,6 +16,12 @@
 //! - [`room_commands_steer_a_mesh_call`]: no auto-record; `!rec start` in a running call records
 //!   it, `!rec stop` ends that recording and the bot leaves the call, `!rec start` again makes a
 //!   second recording, which ends with the call.
+//! - [`olm_encrypted_peer_messages_are_answered_encrypted`]: a device that signals Olm-encrypted
+//!   (a matrix-sdk client with an aiortc media peer) gets the bot's answer encrypted, and a
+//!   malformed encrypted invite before it is refused with a log line.
+
+// matrix-sdk's sync future is deep enough to overflow the default limit when checking `Send`.
+#![recursion_limit = "256"]
 
 mod harness;
 
@@ -578,4 +584,160 @@ async fn room_commands_steer_a_mesh_call() {
         eprintln!("{what} recording control: {control:?}");
     }
     bot.mxrec.assert_running("two recordings");
+}
+
+/// The bot answers a device that writes to it Olm-encrypted in kind: Carol (a matrix-sdk client
+/// with an aiortc media peer) joins the group call and sends her invite, and later her hangup,
+/// as encrypted to-device messages (with a malformed encrypted invite before, which is refused
+/// while the bot keeps going). The bot's answer must reach her encrypted, for her session, and her
+/// media is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn olm_encrypted_peer_messages_are_answered_encrypted() {
+    use matrix_sdk::deserialized_responses::EncryptionInfo;
+    use matrix_sdk::ruma::events::{AnyToDeviceEvent, AnyToDeviceEventContent};
+    use matrix_sdk::ruma::serde::Raw;
+    use matrix_sdk::ruma::{OwnedDeviceId, OwnedUserId};
+
+    let Some((hs, s3)) = servers("mesh_call::olm_encrypted_peer_messages_are_answered_encrypted") else { return };
+    let _turn = serial();
+    let suffix = unique_suffix();
+    let alice = User::register(&hs, "alice", &suffix).await;
+    let carol = User::register(&hs, "carol", &suffix).await;
+    let mut bot = start_bot(&hs, &s3, &suffix, &alice.user_id).await;
+    let v = alice
+        .call("POST", "/_matrix/client/v3/createRoom", json!({
+            "preset": "private_chat", "name": "mesh_call encrypted signalling", "invite": [bot.user, carol.user_id],
+            "power_level_content_override": {"users": {bot.user.as_str(): 50},
+                "events": {"m.room.power_levels": 100, MEMBER_EVENT: 0, CALL_EVENT: 0}},
+        }))
+        .await;
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    carol.call("POST", &format!("/_matrix/client/v3/rooms/{}/join", pct(&room)), json!({})).await;
+    alice.put_state(&room, "org.mxrec.config", "", json!({"auto_record": true})).await;
+
+    // Carol's Matrix side: matrix-sdk (Olm), syncing; call messages to her are collected with
+    // whether they came encrypted.
+    let client = matrix_sdk::Client::builder()
+        .homeserver_url(&hs.homeserver)
+        .sqlite_store(bot.dir.path().join("carol-store"), None)
+        .build()
+        .await
+        .unwrap();
+    client.matrix_auth().login_username(&carol.user_id, &carol.password).send().await.expect("carol logs in");
+    client.encryption().wait_for_e2ee_initialization_tasks().await;
+    let carol_device = client.device_id().unwrap().to_string();
+    let (tx, mut to_carol) = tokio::sync::mpsc::unbounded_channel::<(Value, bool)>();
+    client.add_event_handler(move |raw: Raw<AnyToDeviceEvent>, info: Option<EncryptionInfo>| {
+        let tx = tx.clone();
+        async move {
+            let v: Value = serde_json::from_str(raw.json().get()).unwrap_or(Value::Null);
+            if v["type"].as_str().is_some_and(|t| t.starts_with("m.call.")) {
+                let _ = tx.send((v, info.is_some()));
+            }
+        }
+    });
+    let syncing = client.clone();
+    let sync = tokio::spawn(async move {
+        let _ = syncing.sync(matrix_sdk::config::SyncSettings::default().timeout(Duration::from_millis(1000))).await;
+    });
+
+    let group_call = format!("gc{suffix}");
+    let session = format!("carol-session-{suffix}");
+    carol.put_state(&room, CALL_EVENT, &group_call, json!({"m.intent": "m.room", "m.type": "m.video"})).await;
+    let expires = now_ms() + 3_600_000;
+    let member = json!({"m.calls": [{"m.call_id": group_call, "m.devices": [{"device_id": carol_device, "session_id": session, "expires_ts": expires, "feeds": [{"purpose": "m.usermedia"}]}]}]});
+    carol.put_state(&room, MEMBER_EVENT, &carol.user_id, member).await;
+    // The bot joins the call on its own (auto-record) and shows its device and session.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (bot_device, bot_session) = loop {
+        let m = alice.state(&room, MEMBER_EVENT, &bot.user).await.unwrap_or(Value::Null);
+        let d = &m["m.calls"][0]["m.devices"][0];
+        if let (Some(dev), Some(sess)) = (d["device_id"].as_str(), d["session_id"].as_str()) {
+            break (dev.to_owned(), sess.to_owned());
+        }
+        assert!(Instant::now() < deadline, "the bot did not join the group call\n{}", bot.mxrec.stderr_tail(40));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let bot_user = OwnedUserId::try_from(bot.user.as_str()).unwrap();
+    let bot_dev = OwnedDeviceId::from(bot_device.as_str());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let device = loop {
+        if let Ok(Some(d)) = client.encryption().get_device(&bot_user, &bot_dev).await {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "carol never learnt the bot's device");
+        let _ = client.encryption().request_user_identity(&bot_user).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let call_id = format!("carolcall{suffix}");
+    let common = |seq: u64| {
+        json!({"call_id": call_id, "party_id": carol_device, "version": "1", "conf_id": group_call,
+               "device_id": carol_device, "sender_session_id": session, "dest_session_id": bot_session, "seq": seq})
+    };
+    let send = |event_type: &'static str, content: Value| {
+        let (client, device) = (client.clone(), device.clone());
+        async move {
+            let raw = Raw::<AnyToDeviceEventContent>::from_json_string(content.to_string()).unwrap();
+            let failures = client.encryption().encrypt_and_send_raw_to_device(vec![&device], event_type, raw, Default::default()).await.expect("sent");
+            assert!(failures.is_empty(), "not encrypted for {failures:?}");
+        }
+    };
+    // Malformed first (an invite without an offer, for another call id): refused, nothing breaks.
+    let mut bad = common(0);
+    bad["call_id"] = json!(format!("bad{suffix}"));
+    bad["lifetime"] = json!(60000);
+    send("m.call.invite", bad).await;
+
+    let mut sender = tokio::process::Command::new(python())
+        .arg(repo_root().join("tests/peers/aiortc_sender.py"))
+        .args(["--seconds", "6"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("aiortc_sender.py runs");
+    let mut out = BufReader::new(sender.stdout.take().unwrap()).lines();
+    let offer: Value = serde_json::from_str(&out.next_line().await.unwrap().expect("an offer")).unwrap();
+    let mut invite = common(0);
+    invite["offer"] = offer;
+    invite["lifetime"] = json!(60000);
+    invite["invitee"] = json!(bot.user);
+    let invited = now_ms();
+    send("m.call.invite", invite).await;
+    let (answer, encrypted) = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let (v, enc) = to_carol.recv().await.expect("carol's sync runs");
+            if v["type"] == "m.call.answer" && v["content"]["call_id"] == call_id.as_str() {
+                return (v, enc);
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no m.call.answer to carol\n{}", bot.mxrec.stderr_tail(60)));
+    eprintln!("the bot's answer (encrypted: {encrypted}): {}", answer["content"]["dest_session_id"]);
+    assert!(encrypted, "the bot answered an encrypted invite unencrypted");
+    let c = &answer["content"];
+    assert_eq!((c["conf_id"].as_str(), c["dest_session_id"].as_str(), c["seq"].as_u64()), (Some(group_call.as_str()), Some(session.as_str()), Some(0)));
+    assert_eq!(c["sender_session_id"], bot_session.as_str());
+    let mut stdin = sender.stdin.take().unwrap();
+    let reply = json!({"type": "answer", "sdp": c["answer"]["sdp"]});
+    stdin.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+    stdin.flush().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), sender.wait()).await.expect("the sender ends").unwrap();
+    assert!(status.success(), "aiortc_sender: {status}");
+    let mut hangup = common(1);
+    hangup["reason"] = json!("user_hangup");
+    send("m.call.hangup", hangup).await;
+    carol.put_state(&room, MEMBER_EVENT, &carol.user_id, json!({"m.calls": []})).await;
+
+    let notice = saved_notice(&alice, &room, &bot, invited).await;
+    let f = fetch_recording(CallFlavour::Mesh, &bot.dir.path().join("verify"), &s3, &bot.prefix, &room, &notice).await;
+    let cam = recorded_track(&f.manifest, &carol.user_id, TrackSource::Camera);
+    let mic = recorded_track(&f.manifest, &carol.user_id, TrackSource::Microphone);
+    check_av("carol", &f.files[&cam.id], &f.files[&mic.id], MAX_AV_OFFSET_MS);
+    let refused = bot.mxrec.log_lines_with("malformed group call message");
+    assert!(!refused.is_empty(), "the malformed encrypted invite is refused with a log line");
+    bot.mxrec.assert_running("encrypted signalling");
+    sync.abort();
 }

@@ -369,13 +369,19 @@ async fn send_to_device(
     let device = OwnedDeviceId::from(device_id);
     let raw: Raw<AnyToDeviceEventContent> = Raw::new(&content).context("serialising the message")?.cast_unchecked();
     if encrypted {
-        let dev = ctx
-            .client
-            .encryption()
-            .get_device(&user, &device)
-            .await
-            .context("looking up the peer's device")?
-            .ok_or_else(|| anyhow!("the homeserver lists no device {device_id} of {user_id} to encrypt for"))?;
+        // The bot tracks the devices of users it shares an encrypted room with; a peer in an
+        // unencrypted room is looked up once (a keys query) before the first encrypted reply.
+        let mut dev = None;
+        for _ in 0..2 {
+            dev = ctx.client.encryption().get_device(&user, &device).await.context("looking up the peer's device")?;
+            if dev.is_some() {
+                break;
+            }
+            if let Err(e) = ctx.client.encryption().request_user_identity(&user).await {
+                debug!(error = %e, "keys query for a peer");
+            }
+        }
+        let dev = dev.ok_or_else(|| anyhow!("the homeserver lists no device {device_id} of {user_id} to encrypt for"))?;
         let failed = ctx
             .client
             .encryption()
