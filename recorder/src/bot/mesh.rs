@@ -385,7 +385,8 @@ async fn send_to_device(
         let failed = ctx
             .client
             .encryption()
-            .encrypt_and_send_raw_to_device(vec![&dev], event_type, raw, matrix_sdk_base::crypto::CollectStrategy::AllDevices)
+            // `Default::default()` is `CollectStrategy::AllDevices` (matrix-sdk does not re-export the type).
+            .encrypt_and_send_raw_to_device(vec![&dev], event_type, raw, Default::default())
             .await
             .context("sending the encrypted message")?;
         if !failed.is_empty() {

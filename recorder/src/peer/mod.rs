@@ -267,11 +267,18 @@ impl RecvPeer {
     /// Applies an offer (the invite's, or a renegotiation's), then any candidates that were
     /// waiting for it. Transceivers for the offered m-lines are created receive-only.
     pub async fn apply_remote_offer(&mut self, sdp: String) -> Result<(), PeerError> {
+        self.apply_remote(RTCSessionDescription::offer(sdp)).await
+    }
+
+    /// Sets a remote description, then adds the candidates that were waiting for one.
+    async fn apply_remote(
+        &mut self,
+        desc: Result<RTCSessionDescription, webrtc::error::Error>,
+    ) -> Result<(), PeerError> {
         self.check_open()?;
-        let offer = RTCSessionDescription::offer(sdp)
-            .map_err(|e| PeerError::SetRemoteDescription(e.to_string()))?;
+        let desc = desc.map_err(|e| PeerError::SetRemoteDescription(e.to_string()))?;
         self.pc
-            .set_remote_description(offer)
+            .set_remote_description(desc)
             .await
             .map_err(|e| PeerError::SetRemoteDescription(e.to_string()))?;
         self.remote_set = true;
@@ -345,17 +352,7 @@ impl RecvPeer {
 
     /// Applies the answer to the bot's offer, then any candidates that were waiting for it.
     pub async fn apply_remote_answer(&mut self, sdp: String) -> Result<(), PeerError> {
-        self.check_open()?;
-        let answer = RTCSessionDescription::answer(sdp)
-            .map_err(|e| PeerError::SetRemoteDescription(e.to_string()))?;
-        self.pc
-            .set_remote_description(answer)
-            .await
-            .map_err(|e| PeerError::SetRemoteDescription(e.to_string()))?;
-        self.remote_set = true;
-        let pending = std::mem::take(&mut self.pending_candidates);
-        self.add_remote_candidates(pending).await;
-        Ok(())
+        self.apply_remote(RTCSessionDescription::answer(sdp)).await
     }
 
     async fn set_local_and_gather(&mut self, local: RTCSessionDescription) -> Result<String, PeerError> {

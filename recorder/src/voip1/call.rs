@@ -424,38 +424,11 @@ impl Voip1Call {
         invite_expires_at: UnixMs,
         now: UnixMs,
     ) -> Self {
-        let mut call = Voip1Call {
-            cfg,
-            call_id: invite.common.call_id.clone(),
-            bot,
-            our_party,
-            role: Role::Callee,
-            caller,
-            caller_party: invite.common.party_id.clone(),
-            caller_version: invite.common.version,
-            invite_expires_at,
-            making_offer: None,
-            invite_lifetime_ms: 0,
-            state: CallState::Answering,
-            making_answer: Some((AnswerFor::Invite, now)),
-            pending_offers: VecDeque::new(),
-            answer_sent_at: None,
-            local_sdp: None,
-            selected: false,
-            connected: false,
-            local_queue: Vec::new(),
-            local_queue_since: None,
-            gathering_complete: false,
-            end_of_candidates_sent: false,
-            remote_candidates: 0,
-            flood_warned: false,
-            streams: SdpStreamMetadata::new(),
-            emitted_mutes: BTreeMap::new(),
-            tracks: BTreeMap::new(),
-            recording: false,
-            ended_by: None,
-            out: VecDeque::new(),
-        };
+        let mut call = Voip1Call::blank(cfg, invite.common.call_id.clone(), bot, our_party, Role::Callee, caller);
+        call.caller_party = invite.common.party_id.clone();
+        call.caller_version = invite.common.version;
+        call.invite_expires_at = invite_expires_at;
+        call.making_answer = Some((AnswerFor::Invite, now));
         if let Some(m) = invite.metadata {
             call.merge_metadata(m);
         }
@@ -477,25 +450,36 @@ impl Voip1Call {
         invite_lifetime_ms: u64,
         now: UnixMs,
     ) -> Self {
-        let mut call = Voip1Call {
+        let mut call = Voip1Call::blank(cfg, call_id, bot, our_party, Role::Caller, invitee);
+        call.state = CallState::Inviting;
+        call.making_offer = Some(now);
+        call.invite_lifetime_ms = invite_lifetime_ms;
+        // The bot chooses the answer itself; nobody selects it.
+        call.selected = true;
+        call.peer(PeerCommand::CreateOffer);
+        call
+    }
+
+    /// A call in its first state, before a constructor sets what its side needs.
+    fn blank(cfg: Voip1Config, call_id: CallId, bot: UserId, our_party: PartyId, role: Role, caller: UserId) -> Self {
+        Voip1Call {
             cfg,
             call_id,
             bot,
             our_party,
-            role: Role::Caller,
-            caller: invitee,
+            role,
+            caller,
             caller_party: None,
             caller_version: VoipVersion::V1,
             invite_expires_at: UnixMs(u64::MAX),
-            making_offer: Some(now),
-            invite_lifetime_ms,
-            state: CallState::Inviting,
+            making_offer: None,
+            invite_lifetime_ms: 0,
+            state: CallState::Answering,
             making_answer: None,
             pending_offers: VecDeque::new(),
             answer_sent_at: None,
             local_sdp: None,
-            // The bot chooses the answer itself; nobody selects it.
-            selected: true,
+            selected: false,
             connected: false,
             local_queue: Vec::new(),
             local_queue_since: None,
@@ -509,9 +493,7 @@ impl Voip1Call {
             recording: false,
             ended_by: None,
             out: VecDeque::new(),
-        };
-        call.peer(PeerCommand::CreateOffer);
-        call
+        }
     }
 
     pub fn role(&self) -> Role {
