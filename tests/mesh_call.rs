@@ -212,14 +212,16 @@ async fn start_bot(hs: &Synapse, s3: &S3, suffix: &str, inviter: &str) -> Bot {
     Bot { mxrec, dir, prefix, user }
 }
 
-/// Alice's room with the bot, Bob and Zoe in it: every member may publish call state (as Element
-/// sets up call rooms), the bot may post the recording state.
-async fn call_room(alice: &User, bob: &User, zoe: &User, bot: &Bot) -> String {
+/// Alice's room with the bot and `members` in it: every member may publish call state (as
+/// Element sets up call rooms), the bot may post the recording state.
+async fn call_room(alice: &User, members: &[&User], bot: &Bot) -> String {
+    let mut invite = vec![bot.user.clone()];
+    invite.extend(members.iter().map(|u| u.user_id.clone()));
     let v = alice
         .call("POST", "/_matrix/client/v3/createRoom", json!({
             "preset": "private_chat",
             "name": "mesh_call",
-            "invite": [bot.user, bob.user_id, zoe.user_id],
+            "invite": invite,
             "power_level_content_override": {
                 "users": {bot.user.as_str(): 50},
                 "events": {"m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
@@ -228,7 +230,7 @@ async fn call_room(alice: &User, bob: &User, zoe: &User, bot: &Bot) -> String {
         }))
         .await;
     let room = v["room_id"].as_str().unwrap().to_owned();
-    for u in [bob, zoe] {
+    for u in members {
         u.call("POST", &format!("/_matrix/client/v3/rooms/{}/join", pct(&room)), json!({})).await;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -410,7 +412,7 @@ async fn a_mesh_group_call_is_recorded() {
     let zoe = User::register(&hs, "zoe", &suffix).await;
     let mut bot = start_bot(&hs, &s3, &suffix, &alice.user_id).await;
     assert!(alice.user_id < bot.user && bob.user_id < bot.user && zoe.user_id > bot.user, "the users sort around the bot");
-    let room = call_room(&alice, &bob, &zoe, &bot).await;
+    let room = call_room(&alice, &[&bob, &zoe], &bot).await;
     alice.put_state(&room, "org.mxrec.config", "", json!({"auto_record": true})).await;
     let group_call = format!("gc{suffix}");
 
@@ -529,7 +531,7 @@ async fn room_commands_steer_a_mesh_call() {
     let bob = User::register(&hs, "bob", &suffix).await;
     let zoe = User::register(&hs, "zoe", &suffix).await;
     let mut bot = start_bot(&hs, &s3, &suffix, &alice.user_id).await;
-    let room = call_room(&alice, &bob, &zoe, &bot).await;
+    let room = call_room(&alice, &[&bob, &zoe], &bot).await;
     let group_call = format!("gc{suffix}");
     let mut pa = Peer::start(&alice, &room, &group_call, ALICE_GREY, true).await;
     let mut pz = Peer::start(&zoe, &room, &group_call, ZOE_GREY, false).await;
@@ -604,15 +606,7 @@ async fn olm_encrypted_peer_messages_are_answered_encrypted() {
     let alice = User::register(&hs, "alice", &suffix).await;
     let carol = User::register(&hs, "carol", &suffix).await;
     let mut bot = start_bot(&hs, &s3, &suffix, &alice.user_id).await;
-    let v = alice
-        .call("POST", "/_matrix/client/v3/createRoom", json!({
-            "preset": "private_chat", "name": "mesh_call encrypted signalling", "invite": [bot.user, carol.user_id],
-            "power_level_content_override": {"users": {bot.user.as_str(): 50},
-                "events": {"m.room.power_levels": 100, MEMBER_EVENT: 0, CALL_EVENT: 0}},
-        }))
-        .await;
-    let room = v["room_id"].as_str().unwrap().to_owned();
-    carol.call("POST", &format!("/_matrix/client/v3/rooms/{}/join", pct(&room)), json!({})).await;
+    let room = call_room(&alice, &[&carol], &bot).await;
     alice.put_state(&room, "org.mxrec.config", "", json!({"auto_record": true})).await;
 
     // Carol's Matrix side: matrix-sdk (Olm), syncing; call messages to her are collected with

@@ -688,6 +688,14 @@ impl Voip1Call {
             self.send(events::SELECT_ANSWER, content);
         }
         self.peer(PeerCommand::ApplyRemoteAnswer { sdp: a.answer_sdp });
+        self.answered(now);
+        let force = self.gathering_complete;
+        self.flush_local_candidates(force);
+    }
+
+    /// The offer/answer exchange is done (our answer sent, or theirs to our invite applied):
+    /// the call is ours and its recording starts.
+    fn answered(&mut self, now: UnixMs) {
         self.state = CallState::Answered;
         self.answer_sent_at = Some(now);
         self.recording = true;
@@ -697,8 +705,6 @@ impl Voip1Call {
             at: now,
         }));
         self.sync_recording(now);
-        let force = self.gathering_complete;
-        self.flush_local_candidates(force);
     }
 
     fn on_remote_candidates(&mut self, candidates: Vec<Candidate>) {
@@ -815,15 +821,7 @@ impl Voip1Call {
                 }
                 let content = events::answer_content(&self.call_id, &self.our_party, &sdp);
                 self.send(events::ANSWER, content);
-                self.state = CallState::Answered;
-                self.answer_sent_at = Some(now);
-                self.recording = true;
-                self.out.push_back(Action::Record(RecordAction::Start {
-                    caller: self.caller.clone(),
-                    caller_party: self.caller_party.clone(),
-                    at: now,
-                }));
-                self.sync_recording(now);
+                self.answered(now);
             }
             AnswerFor::Negotiate => {
                 let content =
